@@ -1,0 +1,5 @@
+"""CLI commands: classify."""
+
+from __future__ import annotations
+
+from alexnet_dist.cli.app import app  # noqa: F401

@@ -1,0 +1,47 @@
+"""The package's exceptions: one base class, a few specific kinds.
+
+Messages put the thing first and say what to do, e.g. ``"s3://b/k.tar: not found; check the URL"``.
+Only the CLI turns them into exit codes.
+"""
+
+from __future__ import annotations
+
+
+class AlexNetDistError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+    exit_code = 1
+
+
+class ConfigError(AlexNetDistError):
+    """A job spec, model config or setting is invalid."""
+
+    exit_code = 2
+
+
+class StorageError(AlexNetDistError):
+    """Object storage (S3 or a local path) could not be read or written."""
+
+
+class NotFoundError(StorageError):
+    """A URL, job or key does not exist."""
+
+
+class DataError(AlexNetDistError):
+    """Shards or samples are corrupt, or too many were bad."""
+
+
+class CheckpointError(AlexNetDistError):
+    """A checkpoint is missing, truncated or does not match the model."""
+
+
+class QueueError(AlexNetDistError):
+    """The Redis job store is unreachable or refused an operation."""
+
+
+class JobNotFoundError(QueueError):
+    """No job with that id."""
+
+
+class ClusterError(AlexNetDistError):
+    """The Ray cluster is unreachable or refused a job."""

@@ -1,0 +1,310 @@
+"""The network of Krizhevsky, Sutskever & Hinton (2012), built as two towers.
+
+The paper trained on two GTX 580s, half of every layer's kernels on each GPU (section 3.2). We keep
+that split as two modules, ``tower_a`` and ``tower_b``, which may live on different devices. The
+towers talk only where the paper's GPUs did:
+
+* conv3 sees the conv2 maps of *both* towers;
+* fc6 and fc7 see every unit of the layer below, in both towers;
+* fc8 (one layer, on ``devices[0]``) sees fc7 of both towers.
+
+Everywhere else (conv1, conv2, conv4, conv5, their LRN and pooling) a tower sees only its own maps.
+Parameter names never mention devices, so a state dict saved from one placement loads into another.
+
+The model knows nothing of Ray, data or storage: it is built from an :class:`AlexNetConfig` alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from alexnet_dist.errors import ConfigError
+
+__all__ = [
+    "PRESETS",
+    "AlexNet",
+    "AlexNetConfig",
+    "LocalResponseNorm",
+    "build_model",
+    "count_parameters",
+    "local_response_norm",
+]
+
+
+@dataclass(frozen=True)
+class AlexNetConfig:
+    """Everything that fixes the network's shape; the paper's values are the defaults.
+
+    Channel and unit counts are totals over both towers; each tower holds half.
+    """
+
+    name: str = "paper"
+    image_size: int = 227  # input side; 227 (not the paper's "224") gives maps of 55, 27, 13, 6
+    in_channels: int = 3  # RGB
+    channels: tuple[int, int, int, int, int] = (96, 256, 384, 384, 256)  # conv1..conv5 (section 3.5)
+    kernels: tuple[int, int, int, int, int] = (11, 5, 3, 3, 3)
+    strides: tuple[int, int, int, int, int] = (4, 1, 1, 1, 1)
+    paddings: tuple[int, int, int, int, int] = (0, 2, 1, 1, 1)  # keeps conv2-conv5 maps at 27 and 13
+    fc_units: int = 4096  # fc6 and fc7 (2048 per tower)
+    dropout: float = 0.5  # on fc6 and fc7 (section 4.2)
+    pool_kernel: int = 3  # overlapping max-pooling, z = 3 ...
+    pool_stride: int = 2  # ... s = 2 (section 3.4): 0.3% lower top-5 error than z = s = 2
+    # Local response normalization (section 3.3): b = a / (k + alpha * sum_{n neighbours} a^2)^beta.
+    # The paper's alpha multiplies the plain sum; Caffe and torch divide it by n first.
+    lrn_size: int = 5
+    lrn_alpha: float = 1e-4
+    lrn_beta: float = 0.75
+    lrn_k: float = 2.0
+    # "tower": neighbours come from the tower's own maps (cuda-convnet, the paper's code).
+    # "all": neighbours run across both towers' maps, as in Caffe's bvlc_alexnet (imported models).
+    lrn_span: str = "tower"
+    init_std: float = 0.01  # weights ~ N(0, 0.01) (section 5)
+    init_bias_one: tuple[str, ...] = field(default=("conv2", "conv4", "conv5", "fc6", "fc7"))  # section 5
+
+    def __post_init__(self) -> None:
+        for name, values in (("channels", self.channels), ("kernels", self.kernels)):
+            if len(values) != 5:
+                raise ConfigError(f"model.{name}: needs 5 values (conv1..conv5), got {len(values)}")
+        for i, c in enumerate(self.channels):
+            if c <= 0 or c % 2:
+                raise ConfigError(f"model.channels[{i}]={c}: must be positive and even (two towers)")
+        if self.fc_units <= 0 or self.fc_units % 2:
+            raise ConfigError(f"model.fc_units={self.fc_units}: must be positive and even (two towers)")
+        if self.lrn_span not in ("tower", "all"):
+            raise ConfigError(f"model.lrn_span={self.lrn_span!r}: use 'tower' or 'all'")
+        if self.feature_size() < 1:
+            raise ConfigError(f"model.image_size={self.image_size}: too small for this network's strides")
+
+    def map_sizes(self) -> tuple[int, int, int, int]:
+        """Spatial side after conv1, pool1, pool2 and pool5: (55, 27, 13, 6) for the paper."""
+
+        def conv(s: int, i: int) -> int:
+            return (s + 2 * self.paddings[i] - self.kernels[i]) // self.strides[i] + 1
+
+        def pool(s: int) -> int:
+            return (s - self.pool_kernel) // self.pool_stride + 1
+
+        c1 = conv(self.image_size, 0)
+        p1 = pool(c1)
+        p2 = pool(conv(p1, 1))
+        s = conv(conv(conv(p2, 2), 3), 4)
+        return c1, p1, p2, pool(s)
+
+    def feature_size(self) -> int:
+        return self.map_sizes()[3]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AlexNetConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"model config: unknown fields {unknown}")
+        fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**fixed)
+
+
+PRESETS: dict[str, AlexNetConfig] = {
+    # The network of the paper: 60,965,224 parameters with 1000 classes.
+    "paper": AlexNetConfig(),
+    # Same topology at 32 px for CPU demos and tests (Fashion-MNIST upscaled to 36, cropped to 32).
+    # Chosen by measurement on the 2-core machines: see README "Choosing the small preset".
+    "small": AlexNetConfig(
+        name="small",
+        image_size=32,
+        channels=(32, 64, 96, 96, 64),
+        kernels=(5, 5, 3, 3, 3),
+        strides=(2, 1, 1, 1, 1),
+        paddings=(2, 2, 1, 1, 1),
+        fc_units=512,
+    ),
+}
+
+
+def build_model(
+    preset: str | AlexNetConfig = "paper",
+    *,
+    num_classes: int = 1000,
+    devices: tuple[str | torch.device, str | torch.device] = ("cpu", "cpu"),
+) -> AlexNet:
+    """Build AlexNet from a preset name or a config, towers placed on ``devices``."""
+    if isinstance(preset, str):
+        if preset not in PRESETS:
+            raise ConfigError(f"model.preset={preset!r}: unknown; choose one of {sorted(PRESETS)}")
+        preset = PRESETS[preset]
+    return AlexNet(num_classes=num_classes, config=preset, devices=devices)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------------------------------
+# Local response normalization
+#
+# torch.nn.LocalResponseNorm pads and runs avg_pool3d over the squared input; on conv1's output
+# (batch 32, 96x55x55) forward+backward takes ~0.9 s on our 2 cores, a third of a training step.
+# The window sum over 5 neighbouring channels is a banded sum; done as shifted slice additions it is a
+# handful of memory passes. The backward pass has a closed form using the same banded sum:
+#   y_c = x_c * s_c^-beta,  s_c = k + alpha * sum_{j in W(c)} x_j^2
+#   dx_j = g_j * s_j^-beta - 2 alpha beta x_j * sum_{c: j in W(c)} g_c x_c s_c^(-beta-1)
+# and W is symmetric, so the second sum is the same banded sum. We save only x and s.
+
+
+def _window_sum(t: torch.Tensor, size: int) -> torch.Tensor:
+    """Sum over a window of ``size`` channels centred on each channel (zeros beyond the edges)."""
+    channels = t.shape[1]
+    half_lo = (size - 1) // 2
+    half_hi = size - 1 - half_lo
+    out = t.clone()
+    for shift in range(1, max(half_lo, half_hi) + 1):
+        if shift <= half_lo and shift < channels:  # neighbours below: out[c] += t[c - shift]
+            out[:, shift:] += t[:, : channels - shift]
+        if shift <= half_hi and shift < channels:  # neighbours above: out[c] += t[c + shift]
+            out[:, : channels - shift] += t[:, shift:]
+    return out
+
+
+class _LRNFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, size: int, alpha: float, beta: float, k: float) -> torch.Tensor:
+        scale = _window_sum(x * x, size).mul_(alpha).add_(k)
+        y = x * scale.pow(-beta)
+        ctx.save_for_backward(x, scale)
+        ctx.params = (size, alpha, beta)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, scale = ctx.saved_tensors
+        size, alpha, beta = ctx.params
+        scale_pow = scale.pow(-beta)
+        # g_c * x_c * s_c^(-beta-1) == g_c * x_c * s_c^-beta / s_c
+        inner = _window_sum(grad * x * scale_pow / scale, size)
+        dx = grad * scale_pow - (2.0 * alpha * beta) * x * inner
+        return dx, None, None, None, None
+
+
+def local_response_norm(
+    x: torch.Tensor, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0
+) -> torch.Tensor:
+    """The paper's LRN (section 3.3), alpha applied to the plain sum of squares (not divided by n)."""
+    return _LRNFunction.apply(x, size, alpha, beta, k)
+
+
+class LocalResponseNorm(nn.Module):
+    def __init__(self, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0) -> None:
+        super().__init__()
+        self.size, self.alpha, self.beta, self.k = size, alpha, beta, k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return local_response_norm(x, self.size, self.alpha, self.beta, self.k)
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}"
+
+
+# --------------------------------------------------------------------------------------------------
+# The towers
+
+
+class Tower(nn.Module):
+    """One half of AlexNet: half the kernels of every layer but fc8."""
+
+    def __init__(self, cfg: AlexNetConfig) -> None:
+        super().__init__()
+        c1, c2, c3, c4, c5 = (c // 2 for c in cfg.channels)
+        k, s, p = cfg.kernels, cfg.strides, cfg.paddings
+        self.conv1 = nn.Conv2d(cfg.in_channels, c1, k[0], s[0], p[0])
+        self.conv2 = nn.Conv2d(c1, c2, k[1], s[1], p[1])  # own tower's conv1 maps only
+        self.conv3 = nn.Conv2d(2 * c2, c3, k[2], s[2], p[2])  # both towers' conv2 maps
+        self.conv4 = nn.Conv2d(c3, c4, k[3], s[3], p[3])  # own tower only
+        self.conv5 = nn.Conv2d(c4, c5, k[4], s[4], p[4])  # own tower only
+        f = cfg.feature_size()
+        self.fc6 = nn.Linear(2 * c5 * f * f, cfg.fc_units // 2)  # all of pool5, both towers
+        self.fc7 = nn.Linear(cfg.fc_units, cfg.fc_units // 2)  # all of fc6, both towers
+        self.lrn = LocalResponseNorm(cfg.lrn_size, cfg.lrn_alpha, cfg.lrn_beta, cfg.lrn_k)
+        self.pool = nn.MaxPool2d(cfg.pool_kernel, cfg.pool_stride)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+
+class AlexNet(nn.Module):
+    """AlexNet as two towers on ``devices = (d0, d1)``; logits come back on ``d0``."""
+
+    def __init__(
+        self,
+        num_classes: int = 1000,
+        *,
+        config: AlexNetConfig | None = None,
+        devices: tuple[str | torch.device, str | torch.device] = ("cpu", "cpu"),
+    ) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ConfigError(f"model.num_classes={num_classes}: need at least 2 classes")
+        self.config = config or PRESETS["paper"]
+        self.num_classes = num_classes
+        self.tower_a = Tower(self.config)
+        self.tower_b = Tower(self.config)
+        self.fc8 = nn.Linear(self.config.fc_units, num_classes)
+        self.reset_parameters()
+        self.place(devices)
+
+    @property
+    def devices(self) -> tuple[torch.device, torch.device]:
+        return self._devices
+
+    def place(self, devices: tuple[str | torch.device, str | torch.device]) -> AlexNet:
+        """Move tower A (and fc8) to ``devices[0]``, tower B to ``devices[1]``."""
+        d0, d1 = (torch.device(d) for d in devices)
+        self.tower_a.to(d0)
+        self.fc8.to(d0)
+        self.tower_b.to(d1)
+        self._devices = (d0, d1)
+        return self
+
+    def reset_parameters(self) -> None:
+        """Section 5: weights from N(0, 0.01); biases 1 in conv2, conv4, conv5, fc6, fc7, else 0."""
+        cfg = self.config
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                nn.init.normal_(module.weight, 0.0, cfg.init_std)
+                layer = name.rsplit(".", 1)[-1]
+                nn.init.constant_(module.bias, 1.0 if layer in cfg.init_bias_one else 0.0)
+
+    def _lrn_pool(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ReLU → LRN → overlapping max-pool, per tower (or across towers for Caffe's models)."""
+        ta, tb = self.tower_a, self.tower_b
+        a, b = F.relu(a), F.relu(b)
+        if self.config.lrn_span == "all":  # Caffe's LRN window runs over both groups' maps
+            n = a.shape[1]
+            both = ta.lrn(torch.cat([a, b.to(a.device)], dim=1))
+            a, b = both[:, :n], both[:, n:].to(b.device)
+        else:
+            a, b = ta.lrn(a), tb.lrn(b)
+        return ta.pool(a), tb.pool(b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d0, d1 = self._devices
+        ta, tb = self.tower_a, self.tower_b
+        xa, xb = x.to(d0, non_blocking=True), x.to(d1, non_blocking=True)
+        a, b = self._lrn_pool(ta.conv1(xa), tb.conv1(xb))
+        a, b = self._lrn_pool(ta.conv2(a), tb.conv2(b))
+        # conv3: each tower sees both towers' maps, in the order (A, B) as in a grouped convolution.
+        a, b = torch.cat([a, b.to(d0)], dim=1), torch.cat([a.to(d1), b], dim=1)
+        a, b = F.relu(ta.conv3(a)), F.relu(tb.conv3(b))
+        a, b = F.relu(ta.conv4(a)), F.relu(tb.conv4(b))
+        a, b = F.relu(ta.conv5(a)), F.relu(tb.conv5(b))
+        a, b = ta.pool(a).flatten(1), tb.pool(b).flatten(1)
+        # fc6: flatten(cat(A, B)) == cat(flatten(A), flatten(B)) since channels are the outer dim.
+        a, b = torch.cat([a, b.to(d0)], dim=1), torch.cat([a.to(d1), b], dim=1)
+        a, b = ta.dropout(F.relu(ta.fc6(a))), tb.dropout(F.relu(tb.fc6(b)))
+        a, b = torch.cat([a, b.to(d0)], dim=1), torch.cat([a.to(d1), b], dim=1)
+        a, b = ta.dropout(F.relu(ta.fc7(a))), tb.dropout(F.relu(tb.fc7(b)))
+        return self.fc8(torch.cat([a, b.to(d0)], dim=1))
