@@ -7,10 +7,10 @@ A spec crosses Redis and Ray as JSON (``JobSpec.model_dump_json()``), never as a
 from __future__ import annotations
 
 import json
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from alexnet_dist.errors import ConfigError
@@ -70,6 +70,9 @@ class TrainSpec(_Frozen):
     log_every_steps: int = Field(50, ge=1)
     max_steps_per_epoch: int | None = Field(None, ge=1)  # cap for smoke tests; None = whole epoch
     val_every_epochs: int = Field(1, ge=1)
+    # DDP gradient all-reduce in bf16 (torch's bf16_compress_hook): halves the traffic per step; pays
+    # when the link, not the GPUs, bounds the step (see cluster/README.md).
+    grad_compression: Literal["none", "bf16"] = "none"
 
 
 class ScalingSpec(_Frozen):

@@ -1,0 +1,50 @@
+# alexnet-dist: `make demo` sets everything up and runs the main job; `make test` runs the tests.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+DEB_PACKAGES := redis-server dataset-fashion-mnist
+
+# demo knobs: `make demo EPOCHS=8`, `make demo S3=1` (a local S3 server instead of local folders)
+EPOCHS ?=
+S3 ?= 0
+
+.PHONY: setup system-packages demo test lint bench clean-demo
+
+setup: system-packages $(VENV)/.installed
+
+# Debian packages the project needs: a Redis server and the real Fashion-MNIST data set.
+system-packages:
+	@missing=""; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	[ -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || missing="$$missing dataset-fashion-mnist"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "python >= 3.10 needed"'
+	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+demo: setup
+	EPOCHS="$(EPOCHS)" S3="$(S3)" PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
+
+test: setup
+	$(BIN)/ruff check alexnet_dist tests bench
+	$(BIN)/ruff format --check alexnet_dist tests bench
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest -q
+
+lint: setup
+	$(BIN)/ruff check alexnet_dist tests bench && $(BIN)/ruff format --check alexnet_dist tests bench
+
+bench: setup
+	$(PY) bench/model.py
+
+clean-demo:
+	rm -rf demo .stack

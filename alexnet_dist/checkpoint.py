@@ -1,0 +1,132 @@
+"""Training checkpoints: one plain dict per checkpoint, written into a Ray Train checkpoint directory.
+
+A checkpoint directory holds ``checkpoint.pt`` (``torch.save`` of a dict of tensors and plain values:
+model, optimizer, schedule, epoch and step, the data pipeline's state, RNG states, the spec as JSON,
+the per-epoch history) and ``meta.json`` (where it stands, for people and listings). It loads with
+``torch.load(..., weights_only=True)``: nothing in it needs pickle.
+
+Directories are named ``checkpoint_<global step>_<time ns>`` so that names sort by progress, and a run
+resumed from an older checkpoint (after a corrupt newest one) writes new names rather than reusing one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import pickle
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from alexnet_dist.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "checkpoint.pt"
+META_FILE = "meta.json"
+FORMAT = 1
+_REQUIRED = ("format", "model", "optimizer", "schedule", "epoch", "step", "global_step", "data", "spec")
+
+
+def checkpoint_dir_name(global_step: int) -> str:
+    return f"checkpoint_{global_step:010d}_{time.time_ns()}"
+
+
+def _sort_key(name: str) -> tuple[int, int]:
+    parts = name.split("_")
+    try:
+        return int(parts[1]), int(parts[2])
+    except (IndexError, ValueError):
+        return -1, -1
+
+
+def write_checkpoint(directory: str | Path, state: dict[str, Any]) -> None:
+    """Write ``state`` (see the module docstring) into ``directory``."""
+    missing = [k for k in _REQUIRED if k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint state: missing {missing}")
+    directory = Path(directory)
+    torch.save(state, directory / CHECKPOINT_FILE)
+    meta = {k: state[k] for k in ("epoch", "step", "global_step", "finished") if k in state}
+    meta["history"] = state.get("history", [])[-1:]
+    (directory / META_FILE).write_text(json.dumps(meta))
+
+
+def read_checkpoint(directory: str | Path) -> dict[str, Any]:
+    """Load ``checkpoint.pt`` from a local directory; a truncated or foreign file is a CheckpointError."""
+    path = Path(directory) / CHECKPOINT_FILE
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise CheckpointError(f"{path}: unreadable, truncated or corrupt ({first})") from None
+    if not isinstance(state, dict) or any(k not in state for k in _REQUIRED):
+        raise CheckpointError(f"{path}: not an alexnet-dist checkpoint (keys {sorted(state)[:8]})")
+    if state["format"] != FORMAT:
+        raise CheckpointError(f"{path}: checkpoint format {state['format']}, this version reads {FORMAT}")
+    return state
+
+
+def _sibling_checkpoints(latest: Any) -> list[Any]:
+    """Every checkpoint directory beside ``latest`` (a ray.train.Checkpoint), newest first."""
+    import pyarrow.fs as pafs
+    from ray.train import Checkpoint
+
+    fs, path = latest.filesystem, latest.path.rstrip("/")
+    parent = path.rsplit("/", 1)[0]
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(parent, recursive=False))
+    except OSError as err:
+        log.warning("%s: cannot list checkpoints (%s); using the newest only", parent, err)
+        return [latest]
+    names = [
+        i.base_name
+        for i in infos
+        if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")
+    ]
+    names.sort(key=_sort_key, reverse=True)
+    out = [Checkpoint(path=f"{parent}/{n}", filesystem=fs) for n in names]
+    if not any(c.path.rstrip("/") == path for c in out):
+        out.insert(0, latest)
+    return out
+
+
+def iter_good_checkpoints(latest: Any) -> Iterator[tuple[Any, dict[str, Any]]]:
+    """Yield (checkpoint, state) from newest to oldest, skipping each unreadable one with a warning."""
+    for ckpt in _sibling_checkpoints(latest):
+        try:
+            with ckpt.as_directory() as d:
+                state = read_checkpoint(d)
+        except CheckpointError as err:
+            log.warning("skipping checkpoint %s: %s; trying the previous one", ckpt.path, err)
+            continue
+        except OSError as err:
+            log.warning(
+                "skipping checkpoint %s: cannot read it (%s); trying the previous one", ckpt.path, err
+            )
+            continue
+        yield ckpt, state
+
+
+def load_newest_good(latest: Any | None) -> tuple[Any, dict[str, Any]] | None:
+    """The newest checkpoint of the run that loads, or None when there is none to resume from."""
+    if latest is None:
+        return None
+    for ckpt, state in iter_good_checkpoints(latest):
+        return ckpt, state
+    log.warning("no readable checkpoint beside %s: starting from scratch", latest.path)
+    return None
+
+
+def model_file_bytes(model_state: dict[str, torch.Tensor], meta: dict[str, Any]) -> bytes:
+    """A model file (see alexnet_dist.modelfile) as bytes, for local or S3 storage."""
+    buf = io.BytesIO()
+    torch.save({"model": {k: v.detach().cpu().contiguous() for k, v in model_state.items()}, **meta}, buf)
+    return buf.getvalue()
