@@ -1,5 +1,291 @@
-"""CLI commands: jobs."""
+"""CLI commands of the job service: submit, list, status, watch, cancel, resume, result, logs, dispatcher,
+and run-job (the entrypoint of each Ray Job the dispatcher launches)."""
 
 from __future__ import annotations
 
-from alexnet_dist.cli.app import app  # noqa: F401
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from alexnet_dist.cli.app import app
+from alexnet_dist.errors import AlexNetDistError, ConfigError, QueueError
+from alexnet_dist.events import read_events
+from alexnet_dist.queue import TERMINAL, JobQueue, JobRecord, JobState
+from alexnet_dist.redisconn import connect
+from alexnet_dist.settings import Settings, load_settings
+from alexnet_dist.spec import JobSpec, load_spec
+
+log = logging.getLogger(__name__)
+out = Console()
+err_console = Console(stderr=True)
+
+
+def _queue(settings: Settings) -> JobQueue:
+    return JobQueue(connect(settings.redis_url), prefix=settings.redis_prefix)
+
+
+def check_data(spec: JobSpec, *, endpoint_url: str | None) -> None:
+    """The manifests must exist and name as many classes as the model has outputs."""
+    try:
+        from alexnet_dist.manifest import load_manifest
+    except ModuleNotFoundError:  # the data module has not landed yet: nothing to check against
+        log.warning("alexnet_dist.manifest missing: manifests not checked")
+        return
+    for field in ("train", "val"):
+        url = getattr(spec.data, field)
+        try:
+            manifest = load_manifest(url, endpoint_url=endpoint_url)
+        except AlexNetDistError as err:
+            raise ConfigError(f"data.{field}: {err}") from None
+        if len(manifest.classes) != spec.model.num_classes:
+            raise ConfigError(
+                f"data.{field}: {url} has {len(manifest.classes)} classes but model.num_classes="
+                f"{spec.model.num_classes}; set model.num_classes={len(manifest.classes)}"
+            )
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def _fmt(x: Any, digits: int = 4) -> str:
+    return f"{x:.{digits}f}" if isinstance(x, int | float) and not isinstance(x, bool) else "-"
+
+
+@app.command()
+def submit(
+    spec_path: Path = typer.Argument(..., metavar="SPEC", help="job spec TOML, e.g. jobs/fashion_mnist.toml"),
+    priority: int | None = typer.Option(None, help="overrides the spec's priority; higher runs first"),
+    set_: list[str] = typer.Option([], "--set", help="override a field: --set train.epochs=3"),
+    client_key: str | None = typer.Option(None, help="idempotency key: the same key submits once"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Queue a job; nothing is queued if the spec or its manifests are wrong."""
+    settings = load_settings()
+    spec = load_spec(spec_path, set_)
+    check_data(spec, endpoint_url=settings.s3_endpoint_url)
+    rec, created = _queue(settings).submit(spec, priority=priority, client_key=client_key)
+    if as_json:
+        _print_json({**rec.to_dict(), "created": created})
+    else:
+        note = "" if created else " (already submitted with this client key)"
+        out.print(f"{rec.id}  {rec.state.value}  priority {rec.priority}{note}")
+
+
+@app.command("list")
+def list_jobs(
+    state: JobState | None = typer.Option(None, case_sensitive=False, help="only jobs in this state"),
+    limit: int | None = typer.Option(None, help="only the newest N"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Jobs in submission order."""
+    records = _queue(load_settings()).list(state, limit=limit)
+    if as_json:
+        _print_json([_summary(r) for r in records])
+        return
+    table = Table("job", "state", "attempt", "priority", "workers", "message")
+    for r in records:
+        scaling = r.spec.scaling
+        table.add_row(
+            r.id,
+            r.state.value,
+            str(r.attempt),
+            str(r.priority),
+            f"{scaling.workers}x{scaling.devices}",
+            r.message,
+        )
+    out.print(table)
+
+
+def _summary(r: JobRecord) -> dict[str, Any]:
+    d = r.to_dict()
+    d.pop("spec")
+    return d
+
+
+@app.command()
+def status(job_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """One job's record."""
+    rec = _queue(load_settings()).get(job_id)
+    if as_json:
+        _print_json(rec.to_dict())
+        return
+    table = Table(show_header=False)
+    for k, v in _summary(rec).items():
+        table.add_row(k, json.dumps(v) if isinstance(v, dict) else str(v))
+    out.print(table)
+
+
+class WatchView:
+    """Turns a job's events into two progress bars (epochs; steps of the epoch) and state lines."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.epochs = progress.add_task("epoch", total=None, info="")
+        self.steps = progress.add_task("step", total=None, info="")
+        self.last_eval = ""
+
+    def show(self, event: dict[str, Any]) -> None:
+        kind, p = event.get("type"), self.progress
+        if kind == "state":
+            p.console.print(
+                f"[bold]{event.get('state')}[/] attempt {event.get('attempt')}: {event.get('message')}"
+            )
+        elif kind == "step":
+            p.update(self.epochs, total=event.get("epochs"), completed=max(0, event.get("epoch", 1) - 1))
+            info = f"loss {_fmt(event.get('loss'))}  lr {_fmt(event.get('lr'), 5)}  "
+            info += f"{_fmt(event.get('images_per_s'), 1)} img/s"
+            p.update(
+                self.steps, total=event.get("steps_per_epoch"), completed=event.get("step", 0), info=info
+            )
+        elif kind == "epoch":
+            self.last_eval = (
+                f"train loss {_fmt(event.get('train_loss'))}  top-1 err {_fmt(event.get('val_top1_error'))}  "
+                f"top-5 err {_fmt(event.get('val_top5_error'))}"
+            )
+            p.update(
+                self.epochs, total=event.get("epochs"), completed=event.get("epoch", 0), info=self.last_eval
+            )
+        elif kind == "final":
+            crops = "ten-crop" if event.get("ten_crop") else "center crop"
+            p.console.print(
+                f"[bold green]final[/] top-1 error {_fmt(event.get('top1_error'))}  top-5 error "
+                f"{_fmt(event.get('top5_error'))} ({crops}, {event.get('val_samples')} images)"
+            )
+
+
+@app.command()
+def watch(
+    job_id: str,
+    as_json: bool = typer.Option(False, "--json", help="print events as JSON lines"),
+    follow: bool = typer.Option(True, help="keep waiting for new events until the job ends"),
+) -> None:
+    """Live progress of a job from its event stream; safe to stop and start again."""
+    queue = _queue(load_settings())
+    rec = queue.get(job_id)
+    last = "0-0"
+
+    def drain(emit: Any) -> bool:
+        """Read what there is (blocking up to 1 s when following); True once the job has ended."""
+        nonlocal last
+        ended = False
+        for entry_id, event in read_events(
+            queue.client, queue.keys, job_id, after=last, block_ms=1000 if follow else None
+        ):
+            last = entry_id
+            emit(event)
+            ended = ended or (
+                event.get("type") == "state" and event.get("state") in {s.value for s in TERMINAL}
+            )
+        return ended or not follow or queue.get(job_id).state in TERMINAL
+
+    if as_json:
+        while not drain(_print_json):
+            pass
+        return
+    columns = (
+        TextColumn("{task.description:>5}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[info]}"),
+    )
+    out.print(f"{rec.id} ({rec.name}): {rec.state.value}, attempt {rec.attempt}")
+    with Progress(*columns, console=out, transient=False) as progress:
+        view = WatchView(progress)
+        while not drain(view.show):
+            pass
+
+
+@app.command()
+def cancel(job_id: str) -> None:
+    """Cancel a job: at once if queued; a running one's Ray Job is stopped by the dispatcher."""
+    rec = _queue(load_settings()).cancel(job_id)
+    out.print(f"{rec.id}  {rec.state.value}  {rec.message}")
+
+
+@app.command()
+def resume(job_id: str) -> None:
+    """Queue a FAILED or CANCELLED job again; it continues from its newest checkpoint."""
+    rec = _queue(load_settings()).resume(job_id)
+    out.print(f"{rec.id}  {rec.state.value}  attempt {rec.attempt}")
+
+
+@app.command()
+def result(job_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """The final top-1 and top-5 error; exits non-zero until the job has succeeded."""
+    rec = _queue(load_settings()).get(job_id)
+    if rec.state is not JobState.SUCCEEDED or rec.result is None:
+        raise QueueError(
+            f"job {job_id}: {rec.state.value}, no result yet; follow it with `alexnet-dist watch {job_id}`"
+        )
+    if as_json:
+        _print_json({"job_id": rec.id, **rec.result})
+        return
+    r = rec.result
+    crops = "ten-crop" if r.get("ten_crop") else "center crop"
+    top1, top5 = _fmt(r.get("top1_error")), _fmt(r.get("top5_error"))
+    out.print(f"{rec.id}: top-1 error {top1}  top-5 error {top5} ({crops})")
+
+
+@app.command()
+def logs(job_id: str, attempt: int | None = typer.Option(None, help="default: the current attempt")) -> None:
+    """The Ray Job's driver log."""
+    from alexnet_dist.dispatcher import RayJobsLauncher
+
+    settings = load_settings()
+    rec = _queue(settings).get(job_id)
+    sid = f"{rec.id}-{attempt or rec.attempt}"
+    sys.stdout.write(RayJobsLauncher(settings.ray_dashboard_url).logs(sid))
+
+
+@app.command()
+def dispatcher(
+    interval: float = typer.Option(1.0, help="seconds between passes"),
+    lock_ttl: float = typer.Option(10.0, help="seconds before a dead dispatcher's lock frees"),
+) -> None:
+    """Run the dispatcher service (one is active; others wait to take over)."""
+    import signal
+    import threading
+
+    from alexnet_dist.dispatcher import Dispatcher, RayJobsLauncher, job_env
+
+    settings = load_settings()
+    queue = _queue(settings)
+    d = Dispatcher(
+        queue,
+        RayJobsLauncher(settings.ray_dashboard_url),
+        env=job_env(settings),
+        interval_s=interval,
+        lock_ttl_s=lock_ttl,
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    log.info("dispatcher %s: waiting for the lock on %s", d.token[:8], queue.keys.dispatcher_lock)
+    try:
+        d.run(stop)
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command("run-job", hidden=True)
+def run_job(job_id: str, attempt: int = typer.Option(..., help="the attempt this Ray Job runs")) -> None:
+    """Entrypoint of a Ray Job: train the job's spec and store its result."""
+    from alexnet_dist.train import run_training
+
+    settings = load_settings()
+    queue = _queue(settings)
+    rec = queue.get(job_id)
+    if rec.attempt != attempt:
+        raise QueueError(f"job {job_id}: attempt {attempt} is stale (current {rec.attempt}); not running it")
+    res = run_training(rec.spec, run_name=job_id, settings=settings, job_id=job_id, resume=True)
+    queue.store_result(job_id, res.to_dict())
+    out.print(f"{job_id}: stored result")
