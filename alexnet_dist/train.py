@@ -130,7 +130,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     from alexnet_dist.augment import normalize
-    from alexnet_dist.data import LoaderConfig, make_loader
+    from alexnet_dist.data import PAD_LABEL, LoaderConfig, make_loader
     from alexnet_dist.manifest import load_manifest
 
     spec = JobSpec.from_json(config["spec"])
@@ -287,14 +287,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             )
             y = batch.labels.to(d0, non_blocking=True)
             with autocast:
-                loss = F.cross_entropy(net(x), y)
+                loss = F.cross_entropy(net(x), y, ignore_index=PAD_LABEL)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             step += 1
             global_step += 1
+            _maybe_die(config.get("fault"), rank, global_step)
             loss_sum += loss.detach().double().cpu()
-            seen += len(y)
+            seen += int((y >= 0).sum())
             if step % spec.train.log_every_steps == 0 or step == steps_per_epoch:
                 now = time.perf_counter()
                 report(
@@ -397,6 +398,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     report.close()
 
 
+def _maybe_die(fault: dict[str, Any] | None, rank: int, global_step: int) -> None:
+    """Fault injection for the resumption tests: a real process death, once per marker file."""
+    if (
+        fault
+        and fault["rank"] == rank
+        and fault["global_step"] == global_step
+        and not os.path.exists(fault["marker"])
+    ):
+        with open(fault["marker"], "w") as f:
+            f.write(str(global_step))
+        os._exit(1)
+
+
 def _all_mean(total: torch.Tensor, count: int, world: int) -> float:
     if world > 1:
         import torch.distributed as dist
@@ -439,8 +453,19 @@ def resolve_storage(url: str, *, settings: Settings) -> _Storage:
     return _Storage(f"file://{path}", path, None)
 
 
-def build_trainer(spec: JobSpec, *, run_name: str, settings: Settings, job_id: str | None = None):
-    """The TorchTrainer for ``spec``: N workers, each with its device pair, checkpoints in storage."""
+def build_trainer(
+    spec: JobSpec,
+    *,
+    run_name: str,
+    settings: Settings,
+    job_id: str | None = None,
+    fault: dict[str, Any] | None = None,
+):
+    """The TorchTrainer for ``spec``: N workers, each with its device pair, checkpoints in storage.
+
+    ``fault`` (tests only) makes one worker die with ``os._exit`` at a global step, once:
+    ``{"rank": 1, "global_step": 5, "marker": "/tmp/x"}`` (the marker file records that it happened).
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -455,6 +480,7 @@ def build_trainer(spec: JobSpec, *, run_name: str, settings: Settings, job_id: s
         "redis_prefix": settings.redis_prefix,
         "s3_endpoint_url": settings.s3_endpoint_url,
         "model_url": f"{store.url}/{run_name}/model.pt",
+        "fault": fault,
     }
     return TorchTrainer(
         train_loop_per_worker,
@@ -474,7 +500,13 @@ def build_trainer(spec: JobSpec, *, run_name: str, settings: Settings, job_id: s
 
 
 def run_training(
-    spec: JobSpec, *, run_name: str, settings: Settings, job_id: str | None = None, resume: bool = True
+    spec: JobSpec,
+    *,
+    run_name: str,
+    settings: Settings,
+    job_id: str | None = None,
+    resume: bool = True,
+    fault: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train ``spec`` on the Ray cluster at ``settings.ray_address`` (or a local one) and return the result.
 
@@ -491,7 +523,7 @@ def run_training(
                 f"Ray at {settings.ray_address or 'local'}: cannot connect ({err}); "
                 "check RAY_ADDRESS or start one with `ray start --head`"
             ) from None
-    trainer, config = build_trainer(spec, run_name=run_name, settings=settings, job_id=job_id)
+    trainer, config = build_trainer(spec, run_name=run_name, settings=settings, job_id=job_id, fault=fault)
     if not resume:
         _refuse_existing_run(config, settings)
     t0 = time.perf_counter()

@@ -22,14 +22,13 @@ from alexnet_dist.model import PRESETS, AlexNet, AlexNetConfig
 
 CANDIDATES: dict[str, dict] = {
     "small": {},
-    "tiny": {"channels": (32, 64, 64, 64, 64), "fc_units": 256},
-    "s1": {
-        "channels": (32, 64, 96, 96, 64),
-        "strides": (1, 1, 1, 1, 1),
-        "kernels": (3, 5, 3, 3, 3),
-        "paddings": (1, 2, 1, 1, 1),
-    },
-}
+    "stride2": {"channels": (32, 64, 96, 96, 64), "kernels": (5, 5, 3, 3, 3), "strides": (2, 1, 1, 1, 1),
+                "paddings": (2, 2, 1, 1, 1), "fc_units": 512},
+    "m1": {"channels": (16, 48, 64, 64, 64), "kernels": (3, 5, 3, 3, 3), "strides": (1, 1, 1, 1, 1),
+           "paddings": (1, 2, 1, 1, 1), "fc_units": 256},
+    "m2": {"channels": (24, 64, 96, 96, 64), "kernels": (3, 5, 3, 3, 3), "strides": (1, 1, 1, 1, 1),
+           "paddings": (1, 2, 1, 1, 1), "fc_units": 512},
+}  # fmt: skip
 
 
 def load(split: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:

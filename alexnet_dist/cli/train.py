@@ -1,5 +1,49 @@
-"""CLI commands: train."""
+"""CLI: ``alexnet-dist train SPEC`` runs a job in the foreground on Ray (no queue)."""
 
 from __future__ import annotations
 
-from alexnet_dist.cli.app import app  # noqa: F401
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from alexnet_dist.cli.app import app
+from alexnet_dist.settings import load_settings
+from alexnet_dist.spec import load_spec
+
+
+@app.command()
+def train(
+    spec_path: Path = typer.Argument(..., metavar="SPEC", help="job spec (TOML), e.g. jobs/smoke.toml"),
+    set_: list[str] = typer.Option([], "--set", help="override a field: --set train.epochs=3"),
+    run_name: str | None = typer.Option(
+        None, "--run-name", help="Ray Train run name (default: the spec's name)"
+    ),
+    fresh: bool = typer.Option(False, "--fresh", help="refuse to continue a run that has checkpoints"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+) -> None:
+    """Train SPEC on the Ray cluster at RAY_ADDRESS (or a local Ray); resumes the run if it exists."""
+    from alexnet_dist.train import run_training
+
+    spec = load_spec(spec_path, set_)
+    settings = load_settings()
+    result = run_training(spec, run_name=run_name or spec.name, settings=settings, resume=not fresh)
+    if as_json:
+        print(json.dumps(result.to_dict()))
+        return
+    console = Console()
+    table = Table(title=f"{spec.name}: final evaluation")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    view = "ten-crop" if result.ten_crop else "central crop"
+    table.add_row(f"top-1 error ({view})", f"{result.top1_error:.4f}")
+    table.add_row(f"top-5 error ({view})", f"{result.top5_error:.4f}")
+    table.add_row("validation images", str(result.val_samples))
+    table.add_row("epochs / steps", f"{result.epochs} / {result.steps}")
+    table.add_row("training time", f"{result.train_seconds:.1f} s (wall {result.seconds:.1f} s)")
+    table.add_row("images/s (last epoch)", f"{result.images_per_s:.0f}")
+    table.add_row("model", result.model_url)
+    table.add_row("checkpoint", str(result.checkpoint_url))
+    console.print(table)
