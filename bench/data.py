@@ -1,0 +1,234 @@
+"""Data pipeline benchmark (issue 3): prints JSON with images/s and ratios.
+
+Same 256x256 JPEG files (Fashion-MNIST upscaled, RGB, quality 90) three ways, same transforms (random
+227 crop + flip) and the same number of loader workers:
+
+- ``shards``: our ShardLoader over tar shards holding the very same JPEG bytes (local disk);
+- ``imagefolder``: torchvision ``ImageFolder`` + ``DataLoader`` over the files (PIL decode);
+- ``ceiling``: a bare decode loop over the JPEG bytes already in memory, in as many processes;
+- ``shards_s3``: our loader reading the shards from a local S3 server (moto, over HTTP).
+
+Also single-process decode cost per image: PIL, PIL with ``draft`` and ``torchvision.io.decode_jpeg``.
+Targets: shards >= 1.0x imagefolder, >= 0.85x ceiling, S3 >= 0.9x local.
+
+    .venv/bin/python bench/data.py [--images 2000] [--workers 2] [--batch 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from alexnet_dist import augment, fashion_mnist, shardwriter, storage
+from alexnet_dist.data import LoaderConfig, make_loader
+from alexnet_dist.manifest import Manifest, ShardInfo
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+def make_jpegs(n: int, size: int) -> list[tuple[int, bytes]]:
+    images, labels = fashion_mnist.load_split(FASHION, "train")
+    out = []
+    for i in range(n):
+        img = Image.fromarray(images[i]).resize((size, size), Image.BILINEAR).convert("RGB")
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=90)
+        out.append((int(labels[i]), buf.getvalue()))
+    return out
+
+
+def write_imagefolder(root: Path, jpegs: list[tuple[int, bytes]]) -> None:
+    for i, (label, data) in enumerate(jpegs):
+        (root / f"c{label}").mkdir(parents=True, exist_ok=True)
+        (root / f"c{label}" / f"{i:06d}.jpg").write_bytes(data)
+
+
+def write_shards(out: Path, jpegs: list[tuple[int, bytes]], per_shard: int, size: int) -> Manifest:
+    out.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for s, start in enumerate(range(0, len(jpegs), per_shard)):
+        path = out / f"bench-{s:06d}.tar"
+        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for i in range(start, min(start + per_shard, len(jpegs))):
+                label, data = jpegs[i]
+                for name, blob in shardwriter.sample_members(f"s{i:06d}", label, data, {"i": i}):
+                    shardwriter.add_member(tar, name, blob)
+        blob = path.read_bytes()
+        count = min(per_shard, len(jpegs) - start)
+        shards.append(ShardInfo(str(path), count, len(blob), hashlib.sha256(blob).hexdigest()))
+    return Manifest(
+        url=str(out / "bench.json"), split="train", shards=tuple(shards), classes=tuple(map(str, range(10))),
+        names=fashion_mnist.CLASSES, image_size=size, mean=(73.0,) * 3, std=(86.0,) * 3,
+        eigval=(22000.0, 1.0, 1.0), num_samples=len(jpegs),
+        eigvec=((0.577, 0.577, 0.577), (-0.707, 0.0, 0.707), (0.408, -0.816, 0.408)),
+    )  # fmt: skip
+
+
+def rate_shards(m: Manifest, args, endpoint_url: str | None = None) -> float:
+    cfg = LoaderConfig(batch_size=args.batch, crop=args.crop, mode="train", seed=0, num_workers=args.workers)
+    loader = make_loader(m, cfg, rank=0, world_size=1, endpoint_url=endpoint_url)
+    start, n = time.perf_counter(), 0
+    for batch in loader:
+        n += batch.images.shape[0]
+    return n / (time.perf_counter() - start)
+
+
+def rate_imagefolder(root: Path, args) -> float:
+    from torchvision import datasets, transforms
+
+    tf = transforms.Compose(
+        [transforms.RandomCrop(args.crop), transforms.RandomHorizontalFlip(), transforms.PILToTensor()]
+    )
+    loader = torch.utils.data.DataLoader(
+        datasets.ImageFolder(str(root), transform=tf), batch_size=args.batch, shuffle=True,
+        num_workers=args.workers, drop_last=True,
+    )  # fmt: skip
+    start, n = time.perf_counter(), 0
+    for images, _ in loader:
+        n += images.shape[0]
+    return n / (time.perf_counter() - start)
+
+
+_BLOBS: list[bytes] = []
+
+
+def _decode_range(bounds: tuple[int, int]) -> int:
+    torch.set_num_threads(1)
+    for data in _BLOBS[bounds[0] : bounds[1]]:
+        augment.decode_image(data)
+    return bounds[1] - bounds[0]
+
+
+def rate_ceiling(jpegs: list[tuple[int, bytes]], workers: int) -> float:
+    _BLOBS[:] = [d for _, d in jpegs]
+    n, w = len(_BLOBS), max(1, workers)
+    parts = [(i * n // w, (i + 1) * n // w) for i in range(w)]
+    with multiprocessing.get_context("fork").Pool(w) as pool:
+        pool.map(_decode_range, [(0, 8)] * w)  # warm the workers
+        start = time.perf_counter()
+        done = sum(pool.map(_decode_range, parts))
+        return done / (time.perf_counter() - start)
+
+
+def decode_costs(jpegs: list[tuple[int, bytes]], crop: int) -> dict[str, float]:
+    blobs = [d for _, d in jpegs[:300]]
+
+    def per_image(fn) -> float:
+        start = time.perf_counter()
+        for b in blobs:
+            fn(b)
+        return (time.perf_counter() - start) / len(blobs) * 1e6
+
+    def pil(b: bytes) -> None:
+        Image.open(io.BytesIO(b)).convert("RGB").load()
+
+    def pil_draft(b: bytes) -> None:
+        img = Image.open(io.BytesIO(b))
+        img.draft("RGB", (crop, crop))  # only helps when the image is >= 2x the request
+        img.convert("RGB").load()
+
+    return {
+        "pil_us": round(per_image(pil), 1),
+        "pil_draft_us": round(per_image(pil_draft), 1),
+        "torchvision_decode_us": round(per_image(augment.decode_image), 1),
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rate_s3(m: Manifest, args) -> float:
+    port = free_port()
+    env = {
+        **os.environ,
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    os.environ.update(
+        {k: env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    )
+    moto = Path(sys.executable).parent / "moto_server"
+    proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(200):
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.05)
+        storage.s3_client(endpoint).create_bucket(Bucket="bench")
+        shards = []
+        for s in m.shards:
+            url = f"s3://bench/{Path(s.url).name}"
+            storage.write_bytes(url, Path(s.url).read_bytes(), endpoint_url=endpoint)
+            shards.append(ShardInfo(url, s.count, s.bytes, s.sha256))
+        from dataclasses import replace
+
+        return rate_shards(replace(m, shards=tuple(shards)), args, endpoint)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--crop", type=int, default=227)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--shard-size", type=int, default=250)
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-data-"))
+    try:
+        jpegs = make_jpegs(args.images, args.size)
+        write_imagefolder(tmp / "folder", jpegs)
+        m = write_shards(tmp / "shards", jpegs, args.shard_size, args.size)
+        rate_shards(m, args)  # warm the page cache and imports
+        figures = {
+            "shards": rate_shards(m, args),
+            "imagefolder": rate_imagefolder(tmp / "folder", args),
+            "ceiling": rate_ceiling(jpegs, args.workers),
+            "shards_s3": rate_s3(m, args),
+        }
+        report = {
+            "images": args.images, "workers": args.workers, "batch": args.batch, "crop": args.crop,
+            "jpeg_bytes_mean": int(np.mean([len(d) for _, d in jpegs])),
+            "images_per_s": {k: round(v, 1) for k, v in figures.items()},
+            "ratios": {
+                "shards_vs_imagefolder": round(figures["shards"] / figures["imagefolder"], 3),
+                "shards_vs_ceiling": round(figures["shards"] / figures["ceiling"], 3),
+                "s3_vs_local": round(figures["shards_s3"] / figures["shards"], 3),
+            },
+            "targets": {"shards_vs_imagefolder": 1.0, "shards_vs_ceiling": 0.85, "s3_vs_local": 0.9},
+            "decode_single_process": decode_costs(jpegs, args.crop),
+            "cpus": os.cpu_count(),
+        }  # fmt: skip
+        print(json.dumps(report, indent=1))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
