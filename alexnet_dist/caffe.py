@@ -1,10 +1,11 @@
 """Caffe's bvlc_alexnet (a binary ``.caffemodel``) read into the two-tower AlexNet (issue 8).
 
 A ``.caffemodel`` is one protobuf ``NetParameter`` (Caffe's ``src/caffe/proto/caffe.proto``): the layers
-with their parameters *and* their weight blobs. No compiled ``caffe_pb2`` is available, so this module
-decodes the protobuf wire format itself, one message level at a time, keeping weight arrays as zero-copy
-numpy views of the file's bytes. It reads both layer encodings: ``layer`` (field 100, string types) and
-the older ``layers`` (field 2, ``V1LayerParameter`` with enum types, which is how bvlc_alexnet was saved).
+with their parameters *and* their weight blobs. No compiled ``caffe_pb2`` is available, so the protobuf
+wire format is decoded by hand (:mod:`alexnet_dist.protowire`), one message level at a time, keeping
+weight arrays as zero-copy numpy views of the file's bytes. It reads both layer encodings: ``layer``
+(field 100, string types) and the older ``layers`` (field 2, ``V1LayerParameter`` with enum types, which
+is how bvlc_alexnet was saved).
 
 Everything the network's shape depends on (kernels, strides, pads, groups, pooling, LRN size, alpha,
 beta and k, dropout, the crop size) is read from the file; the layout must be AlexNet's, and anything
@@ -29,130 +30,9 @@ import torch
 
 from alexnet_dist.errors import CheckpointError, ConfigError
 from alexnet_dist.model import AlexNet, AlexNetConfig
+from alexnet_dist.protowire import Msg, Truncated
 
 __all__ = ["CaffeLayer", "CaffeNet", "caffe_to_alexnet", "read_caffemodel", "read_mean_file"]
-
-# --------------------------------------------------------------------------------------------------
-# Protobuf wire format: https://protobuf.dev/programming-guides/encoding/
-
-_VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
-
-
-class _Truncated(Exception):
-    pass
-
-
-def _varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= end or shift > 63:
-            raise _Truncated(pos)
-        b = buf[pos]
-        pos += 1
-        value |= (b & 0x7F) << shift
-        if b < 0x80:
-            return value, pos
-        shift += 7
-
-
-def _run_length(buf: bytes, start: int, end: int, tag: bytes) -> int:
-    """How many fixed32 fields with this tag follow each other from ``start`` (unpacked floats)."""
-    stride = len(tag) + 4
-    rows = (end - start) // stride
-    if rows < 2 or buf[start + stride : start + stride + len(tag)] != tag:
-        return min(rows, 1)
-    # 60M unpacked floats cannot go through a Python loop: compare every row's tag bytes at once.
-    grid = np.frombuffer(buf, np.uint8, rows * stride, start).reshape(rows, stride)[:, : len(tag)]
-    same = (grid == np.frombuffer(tag, np.uint8)).all(axis=1)
-    return rows if same.all() else int(np.argmin(same))
-
-
-class _Msg:
-    """One message decoded one level deep: field number -> raw entries, read by typed getters."""
-
-    def __init__(self, buf: bytes, start: int, end: int) -> None:
-        self.buf = buf
-        self.fields: dict[int, list[tuple[int, ...]]] = {}
-        pos = start
-        while pos < end:
-            tag_start = pos
-            key, pos = _varint(buf, pos, end)
-            num, wire = key >> 3, key & 7
-            if num == 0:
-                raise ValueError(f"field number 0 at byte {tag_start}")
-            if wire == _VARINT:
-                value, pos = _varint(buf, pos, end)
-                entry: tuple[int, ...] = (_VARINT, value)
-            elif wire == _I64:
-                entry, pos = (_I64, pos), pos + 8
-            elif wire == _LEN:
-                size, pos = _varint(buf, pos, end)
-                entry, pos = (_LEN, pos, pos + size), pos + size
-            elif wire == _I32:
-                tag = buf[tag_start:pos]
-                count = _run_length(buf, tag_start, end, tag)
-                entry = (_I32, pos, max(count, 1), len(tag) + 4)
-                pos = tag_start + max(count, 1) * (len(tag) + 4)
-            else:
-                raise ValueError(f"wire type {wire} at byte {tag_start}")
-            if pos > end:
-                raise _Truncated(pos)
-            self.fields.setdefault(num, []).append(entry)
-
-    def has(self, num: int) -> bool:
-        return num in self.fields
-
-    def ints(self, num: int) -> list[int]:
-        out: list[int] = []
-        for e in self.fields.get(num, []):
-            if e[0] == _VARINT:
-                out.append(e[1])
-            elif e[0] == _LEN:  # packed varints
-                pos, end = e[1], e[2]
-                while pos < end:
-                    value, pos = _varint(self.buf, pos, end)
-                    out.append(value)
-        return [v - (1 << 64) if v >= 1 << 63 else v for v in out]  # int64 two's complement
-
-    def int(self, num: int, default: int = 0) -> int:
-        values = self.ints(num)
-        return values[-1] if values else default  # proto2: the last value wins
-
-    def floats(self, num: int, dtype: str = "<f4") -> np.ndarray:
-        size = np.dtype(dtype).itemsize
-        parts = []
-        for e in self.fields.get(num, []):
-            if e[0] == _LEN:  # packed
-                if (e[2] - e[1]) % size:
-                    raise ValueError(f"packed field {num} of {e[2] - e[1]} bytes")
-                parts.append(np.frombuffer(self.buf, dtype, (e[2] - e[1]) // size, e[1]))
-            elif e[0] in (_I32, _I64) and size == (4 if e[0] == _I32 else 8):
-                count, stride = (e[2], e[3]) if e[0] == _I32 else (1, size)
-                parts.append(np.ndarray((count,), dtype, self.buf, e[1], (stride,)))
-        if not parts:
-            return np.zeros(0, dtype)
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
-
-    def float(self, num: int, default: float) -> float:
-        values = self.floats(num)
-        return float(values[-1]) if len(values) else default
-
-    def strings(self, num: int) -> list[str]:
-        return [
-            self.buf[e[1] : e[2]].decode("utf-8", "replace") for e in self.fields.get(num, []) if e[0] == _LEN
-        ]
-
-    def string(self, num: int, default: str = "") -> str:
-        values = self.strings(num)
-        return values[-1] if values else default
-
-    def messages(self, num: int) -> list[_Msg]:
-        return [_Msg(self.buf, e[1], e[2]) for e in self.fields.get(num, []) if e[0] == _LEN]
-
-    def message(self, num: int) -> _Msg | None:
-        values = self.messages(num)
-        return values[-1] if values else None
-
 
 # --------------------------------------------------------------------------------------------------
 # NetParameter -> layers
@@ -179,7 +59,7 @@ class CaffeLayer:
     bottoms: tuple[str, ...]
     tops: tuple[str, ...]
     blobs: tuple[np.ndarray, ...]  # each shaped as the file says (legacy 4-D shapes kept)
-    params: dict[str, _Msg]
+    params: dict[str, Msg]
 
 
 @dataclass(frozen=True)
@@ -191,7 +71,7 @@ class CaffeNet:
     sha256: str
 
 
-def _blob(msg: _Msg, what: str) -> np.ndarray:
+def _blob(msg: Msg, what: str) -> np.ndarray:
     shape_msg = msg.message(7)
     if shape_msg is not None:
         shape = tuple(shape_msg.ints(1))
@@ -206,7 +86,7 @@ def _blob(msg: _Msg, what: str) -> np.ndarray:
     return data.reshape(shape)
 
 
-def _layer(msg: _Msg, v1: bool, index: int) -> CaffeLayer:
+def _layer(msg: Msg, v1: bool, index: int) -> CaffeLayer:
     if v1:
         if msg.has(1):
             raise CheckpointError(f"layer {index}: uses Caffe's V0 layer format; upgrade the file with "
@@ -236,14 +116,14 @@ def read_caffemodel(path: str | Path) -> CaffeNet:
     if buf[:4] == b"\x89HDF":
         raise CheckpointError(f"{path}: an HDF5 Caffe snapshot; save the net as a binary .caffemodel")
     try:
-        net = _Msg(buf, 0, len(buf))
+        net = Msg(buf, 0, len(buf))
         v2, v1 = net.messages(100), net.messages(2)
         layers = [_layer(m, False, i) for i, m in enumerate(v2)] or [
             _layer(m, True, i) for i, m in enumerate(v1)
         ]
         dims = net.ints(4) or [d for s in net.messages(8)[:1] for d in s.ints(1)]
         name = net.string(1)
-    except _Truncated as err:
+    except Truncated as err:
         raise CheckpointError(f"{path}: truncated (a field runs past byte {len(buf)} at byte {err.args[0]}); "
                               "the file is incomplete, download or copy it again") from None  # fmt: skip
     except (ValueError, UnicodeDecodeError) as err:
@@ -262,10 +142,10 @@ def read_mean_file(path: str | Path) -> tuple[float, float, float]:
     path = Path(path)
     try:
         buf = path.read_bytes()
-        blob = _blob(_Msg(buf, 0, len(buf)), str(path))
+        blob = _blob(Msg(buf, 0, len(buf)), str(path))
     except OSError as err:
         raise ConfigError(f"{path}: cannot read ({err.strerror}); check the --mean-file path") from None
-    except (_Truncated, ValueError) as err:
+    except (Truncated, ValueError) as err:
         raise ConfigError(f"{path}: not a Caffe mean BlobProto ({err}); pass --mean B,G,R instead") from None
     dims = _squeeze(blob.shape)
     if dims[0] != 3:
@@ -293,7 +173,7 @@ _BETWEEN = {
 # Layers that feed data, compute the loss or only copy blobs: no part of the function we import.
 _IGNORED = {"Data", "ImageData", "Input", "MemoryData", "DummyData", "HDF5Data", "WindowData", "Softmax",
             "SoftmaxWithLoss", "Accuracy", "Split", "Silence"}  # fmt: skip
-_EMPTY = _Msg(b"", 0, 0)
+_EMPTY = Msg(b"", 0, 0)
 
 
 def _squeeze(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -343,7 +223,7 @@ def _layout(net: CaffeNet, source: str) -> tuple[dict[str, CaffeLayer], dict[str
     return found, segments
 
 
-def _square(p: _Msg, listed: int, h: int, w: int, default: int | None, what: str) -> int:
+def _square(p: Msg, listed: int, h: int, w: int, default: int | None, what: str) -> int:
     values = p.ints(listed) or [v for v in (p.int(h, -1), p.int(w, -1)) if v >= 0]
     if not values:
         if default is None:
@@ -478,7 +358,7 @@ def _check_pooling(cfg: AlexNetConfig, pools: list[CaffeLayer]) -> None:
 def _copy_weights(
     model: AlexNet,
     found: dict[str, CaffeLayer],
-    fcs: dict[str, _Msg],
+    fcs: dict[str, Msg],
     convs: dict[str, dict[str, int]],
     outs: dict[str, int],
 ) -> None:
