@@ -38,7 +38,7 @@ from alexnet_dist.errors import (
     NotFoundError,
     QueueError,
 )
-from alexnet_dist.model import PRESETS, AlexNet
+from alexnet_dist.model import AlexNet
 from alexnet_dist.settings import Settings
 
 __all__ = [
@@ -140,11 +140,13 @@ def load_checkpoint_state(url: str, *, endpoint_url: str | None) -> dict[str, An
 def _from_checkpoint(url: str, *, endpoint_url: str | None) -> tuple[AlexNet, dict[str, Any]]:
     """Rebuild the network a checkpoint was training, with the model-file metadata training would write."""
     from alexnet_dist.manifest import load_manifest
+    from alexnet_dist.modelfile import model_file_meta
     from alexnet_dist.spec import JobSpec
+    from alexnet_dist.train import model_config
 
     state = load_checkpoint_state(url, endpoint_url=endpoint_url)
     spec = JobSpec.from_json(state["spec"])
-    cfg = PRESETS[spec.model.preset]  # dropout does not matter in eval mode
+    cfg = model_config(spec)
     manifest = load_manifest(spec.data.train, endpoint_url=endpoint_url)
     model = AlexNet(spec.model.num_classes, config=cfg)
     try:
@@ -152,21 +154,8 @@ def _from_checkpoint(url: str, *, endpoint_url: str | None) -> tuple[AlexNet, di
     except RuntimeError as err:
         first = str(err).strip().splitlines()[0][:160]
         raise CheckpointError(f"{url}: weights do not fit preset {cfg.name!r} ({first})") from None
-    meta = {
-        "config": cfg.to_dict(),
-        "num_classes": spec.model.num_classes,
-        "preprocess": {  # as alexnet_dist.train writes it into model.pt
-            "channel_order": "RGB",
-            "scale": 255.0,
-            "mean": list(manifest.mean),
-            "std": list(manifest.std),
-            "resize": manifest.image_size,
-            "resize_mode": "shorter",
-            "crop": cfg.image_size,
-        },
-        "classes": list(manifest.names or manifest.classes),
-        "source": {"job": spec.name, "checkpoint": url, "epoch": state["epoch"], "step": state["step"]},
-    }
+    source = {"job": spec.name, "checkpoint": url, "epoch": state["epoch"], "step": state["step"]}
+    meta = model_file_meta(cfg, spec, manifest, source)
     return model.eval(), meta
 
 

@@ -30,6 +30,7 @@ from alexnet_dist.model import AlexNet, AlexNetConfig
 
 __all__ = [
     "IMAGENET_MEAN_BGR",
+    "model_file_meta",
     "imagenet_classes",
     "load_caffemodel",
     "load_model_file",
@@ -125,6 +126,31 @@ def load_caffemodel(
         },  # fmt: skip
     }
     return model.place(devices).eval(), meta
+
+
+def model_file_meta(
+    config: AlexNet | Any, spec: Any, manifest: Any, source: dict[str, Any]
+) -> dict[str, Any]:
+    """The metadata of a model trained by the service: how its images were prepared, and its classes.
+
+    ``config`` is the AlexNetConfig trained, ``spec`` the JobSpec, ``manifest`` the training manifest (its
+    mean/std on the 0-255 scale, stored image size and class names).
+    """
+    return {
+        "config": config.to_dict(),
+        "num_classes": spec.model.num_classes,
+        "preprocess": {
+            "channel_order": "RGB",
+            "scale": 255.0,
+            "mean": list(manifest.mean),
+            "std": list(manifest.std),
+            "resize": manifest.image_size,
+            "resize_mode": "shorter",
+            "crop": config.image_size,
+        },
+        "classes": list(manifest.names or manifest.classes),
+        "source": source,
+    }
 
 
 def save_model_file(path: str | Path, model: AlexNet, meta: dict[str, Any]) -> Path:

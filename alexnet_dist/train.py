@@ -84,7 +84,8 @@ def _devices(mode: str) -> tuple[torch.device, torch.device]:
     return devs[0], devs[0]
 
 
-def _model_config(spec: JobSpec) -> AlexNetConfig:
+def model_config(spec: JobSpec) -> AlexNetConfig:
+    """The network a spec trains: its preset, with the spec's dropout when it sets one."""
     cfg = PRESETS[spec.model.preset]
     if spec.model.dropout is not None:
         cfg = AlexNetConfig.from_dict({**cfg.to_dict(), "dropout": spec.model.dropout})
@@ -145,7 +146,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     train_manifest = load_manifest(spec.data.train, endpoint_url=endpoint)
     val_manifest = load_manifest(spec.data.val, endpoint_url=endpoint)
-    cfg = _model_config(spec)
+    cfg = model_config(spec)
     torch.manual_seed(spec.seed)  # identical initial weights on every rank
     model = AlexNet(spec.model.num_classes, config=cfg, devices=(d0, d1))
     if on_gpu and spec.train.channels_last:
@@ -294,8 +295,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             step += 1
             global_step += 1
             _maybe_die(config.get("fault"), rank, global_step)
-            loss_sum += loss.detach().double().cpu()
-            seen += int((y >= 0).sum())
+            n_valid = int((y >= 0).sum())
+            loss_sum += loss.detach().double().cpu() * n_valid  # loss is a mean over the batch
+            seen += n_valid
             if step % spec.train.log_every_steps == 0 or step == steps_per_epoch:
                 now = time.perf_counter()
                 report(
@@ -361,28 +363,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     }
     if rank == 0:
         from alexnet_dist import storage
+        from alexnet_dist.modelfile import model_file_meta
 
-        meta = {
-            "config": cfg.to_dict(),
-            "num_classes": spec.model.num_classes,
-            "preprocess": {
-                "channel_order": "RGB",
-                "scale": 255.0,
-                "mean": list(mean),
-                "std": list(std),
-                "resize": train_manifest.image_size,
-                "resize_mode": "shorter",
-                "crop": crop,
-            },
-            "classes": list(train_manifest.names or train_manifest.classes),
-            "source": {
-                "job": spec.name,
-                "run": config["run_name"],
-                "top1_error": final.top1_error,
-                "top5_error": final.top5_error,
-                "ten_crop": mode == "ten_crop",
-            },
+        source = {
+            "job": spec.name,
+            "run": config["run_name"],
+            "top1_error": final.top1_error,
+            "top5_error": final.top5_error,
+            "ten_crop": mode == "ten_crop",
         }
+        meta = model_file_meta(cfg, spec, train_manifest, source)
         storage.write_bytes(
             config["model_url"], model_file_bytes(model.state_dict(), meta), endpoint_url=endpoint
         )
@@ -527,7 +517,16 @@ def run_training(
     if not resume:
         _refuse_existing_run(config, settings)
     t0 = time.perf_counter()
-    result = trainer.fit()
+    import ray.train
+
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as err:
+        first = (str(err).strip().splitlines() or ["?"])[0]
+        raise ClusterError(
+            f"training run {run_name!r} failed after {spec.retries} retries ({first}); "
+            f"its checkpoints are kept: run it again to resume"
+        ) from err
     if result.error is not None:
         raise ClusterError(f"training run {run_name!r} failed: {result.error}")
     final = json.loads(result.metrics["final"])

@@ -26,6 +26,8 @@ CANDIDATES: dict[str, dict] = {
                 "paddings": (2, 2, 1, 1, 1), "fc_units": 512},
     "m1": {"channels": (16, 48, 64, 64, 64), "kernels": (3, 5, 3, 3, 3), "strides": (1, 1, 1, 1, 1),
            "paddings": (1, 2, 1, 1, 1), "fc_units": 256},
+    "m3": {"channels": (16, 32, 48, 48, 32), "kernels": (3, 5, 3, 3, 3), "strides": (1, 1, 1, 1, 1),
+           "paddings": (1, 2, 1, 1, 1), "fc_units": 256},
     "m2": {"channels": (24, 64, 96, 96, 64), "kernels": (3, 5, 3, 3, 3), "strides": (1, 1, 1, 1, 1),
            "paddings": (1, 2, 1, 1, 1), "fc_units": 512},
 }  # fmt: skip
@@ -47,11 +49,17 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=0.02)
     ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--dropout", type=float, default=0.5)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = AlexNetConfig(
-        **{**PRESETS["small"].to_dict(), **CANDIDATES[args.candidate], "name": args.candidate}
+        **{
+            **PRESETS["small"].to_dict(),
+            **CANDIDATES[args.candidate],
+            "name": args.candidate,
+            "dropout": args.dropout,
+        }
     )
     model = AlexNet(10, config=cfg)
     crop, stored = cfg.image_size, cfg.image_size + 4
