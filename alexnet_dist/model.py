@@ -296,7 +296,7 @@ class AlexNet(nn.Module):
     def _lrn_pool(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """ReLU → LRN → overlapping max-pool, per tower (or across towers for Caffe's models)."""
         ta, tb = self.tower_a, self.tower_b
-        a, b = F.relu(a), F.relu(b)
+        a, b = F.relu(a, inplace=True), F.relu(b, inplace=True)  # conv backward needs no output
         if self.config.lrn_span == "all":  # Caffe's LRN window runs over both groups' maps
             n = a.shape[1]
             both = ta.lrn(torch.cat([a, b.to(a.device)], dim=1))
@@ -313,13 +313,13 @@ class AlexNet(nn.Module):
         a, b = self._lrn_pool(ta.conv2(a), tb.conv2(b))
         # conv3: each tower sees both towers' maps, in the order (A, B) as in a grouped convolution.
         a, b = torch.cat([a, b.to(d0)], dim=1), torch.cat([a.to(d1), b], dim=1)
-        a, b = F.relu(ta.conv3(a)), F.relu(tb.conv3(b))
-        a, b = F.relu(ta.conv4(a)), F.relu(tb.conv4(b))
-        a, b = F.relu(ta.conv5(a)), F.relu(tb.conv5(b))
+        a, b = F.relu(ta.conv3(a), inplace=True), F.relu(tb.conv3(b), inplace=True)
+        a, b = F.relu(ta.conv4(a), inplace=True), F.relu(tb.conv4(b), inplace=True)
+        a, b = F.relu(ta.conv5(a), inplace=True), F.relu(tb.conv5(b), inplace=True)
         a, b = ta.pool(a).flatten(1), tb.pool(b).flatten(1)
         # fc6: flatten(cat(A, B)) == cat(flatten(A), flatten(B)) since channels are the outer dim.
         a, b = torch.cat([a, b.to(d0)], dim=1), torch.cat([a.to(d1), b], dim=1)
-        a, b = ta.dropout(F.relu(ta.fc6(a))), tb.dropout(F.relu(tb.fc6(b)))
+        a, b = ta.dropout(F.relu(ta.fc6(a), inplace=True)), tb.dropout(F.relu(tb.fc6(b), inplace=True))
         a, b = torch.cat([a, b.to(d0)], dim=1), torch.cat([a.to(d1), b], dim=1)
-        a, b = ta.dropout(F.relu(ta.fc7(a))), tb.dropout(F.relu(tb.fc7(b)))
+        a, b = ta.dropout(F.relu(ta.fc7(a), inplace=True)), tb.dropout(F.relu(tb.fc7(b), inplace=True))
         return self.fc8(torch.cat([a, b.to(d0)], dim=1))

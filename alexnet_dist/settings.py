@@ -21,6 +21,15 @@ class Settings:
     extra: dict[str, str] = field(default_factory=dict)
 
 
+def _absolute(url: str) -> str:
+    """Relative local storage becomes absolute: Ray Jobs and workers do not share our directory."""
+    if url.startswith("file://"):
+        return "file://" + os.path.abspath(url.removeprefix("file://"))
+    if "://" not in url:
+        return os.path.abspath(url)
+    return url
+
+
 def load_settings(environ: dict[str, str] | None = None) -> Settings:
     env = dict(os.environ if environ is None else environ)
     return Settings(
@@ -30,5 +39,5 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         ray_dashboard_url=env.get("ALEXNET_DIST_RAY_DASHBOARD", Settings.ray_dashboard_url),
         s3_endpoint_url=env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
         aws_region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
-        storage_root=env.get("ALEXNET_DIST_STORAGE", Settings.storage_root),
+        storage_root=_absolute(env.get("ALEXNET_DIST_STORAGE", Settings.storage_root)),
     )

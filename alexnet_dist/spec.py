@@ -167,8 +167,28 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return out
 
 
-def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
-    """Read a TOML job spec; every error names the file and the field."""
+def _absolute(url: str, base: Path) -> str:
+    """A relative local path becomes absolute (against ``base``): Ray Jobs and workers run elsewhere."""
+    if "://" in url or Path(url).is_absolute():
+        return url
+    return str((base / url).resolve())
+
+
+def absolute_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    out = json.loads(json.dumps(data))
+    for section, key in (("data", "train"), ("data", "val"), ("checkpoint", "storage")):
+        value = out.get(section, {}).get(key)
+        if isinstance(value, str) and value:
+            out[section][key] = _absolute(value, base)
+    return out
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None, *, base: Path | None = None) -> JobSpec:
+    """Read a TOML job spec; every error names the file and the field.
+
+    Relative local paths in it (manifests, checkpoint storage) are taken from ``base``, the current
+    directory by default, and stored absolute, since the job runs in other processes and directories.
+    """
     p = Path(path)
     try:
         text = p.read_text()
@@ -178,4 +198,5 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{p}: not valid TOML ({err})") from None
-    return parse_spec(apply_overrides(data, overrides or []), source=str(p))
+    data = absolute_paths(apply_overrides(data, overrides or []), base or Path.cwd())
+    return parse_spec(data, source=str(p))
