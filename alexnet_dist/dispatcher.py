@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _LIVE = ("PENDING", "RUNNING")
+_RESTOP_AFTER_S = 30.0  # a stop request is repeated only if the Ray Job still runs this long after it
 
 # Renew only when the lock is still ours; release likewise (never delete another holder's lock).
 _RENEW = """if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
@@ -61,12 +63,36 @@ class Launcher(Protocol):
     def nodes(self) -> list[dict[str, float]]: ...  # total resources of each alive node
 
 
+def _use_cluster_token() -> None:
+    """Send the local cluster's auth token, as ``ray.init(address="auto")`` and ``ray start`` do.
+
+    Ray 2.60 turns token auth on for clusters started with ``ray start --head``, but its
+    ``JobSubmissionClient`` sends the token (``~/.ray/auth_token``, ``RAY_AUTH_TOKEN``) only when
+    ``RAY_AUTH_MODE=token``; without it every call is refused as "Missing authentication token".
+    An explicit ``RAY_AUTH_MODE`` (e.g. ``disabled``) is respected; Ray does the reading.
+    """
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:  # a Ray without token auth
+        return
+    quiet = logging.getLogger(maybe_enable_token_auth_if_token_available.__module__)
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # its "token authentication is enabled" warning is no news to a client
+    try:
+        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    finally:
+        quiet.setLevel(level)
+
+
 class RayJobsLauncher:
     """Ray Jobs through the dashboard's REST API (``JobSubmissionClient``)."""
 
     def __init__(self, dashboard_url: str) -> None:
         from ray.job_submission import JobSubmissionClient
 
+        _use_cluster_token()
         self.url = dashboard_url
         try:
             self._client = JobSubmissionClient(dashboard_url)
@@ -212,6 +238,7 @@ class Dispatcher:
         self.scan = scan  # queued jobs looked at per pass when searching for one that fits
         self.token = uuid.uuid4().hex
         self.launches = 0  # Ray Job submissions made by this instance
+        self._stopped: dict[str, float] = {}  # submission id -> when this instance last asked Ray to stop it
         client = queue.client
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
@@ -245,12 +272,15 @@ class Dispatcher:
 
     def follow(self, known: dict[str, LaunchStatus] | None = None) -> None:
         """Bring every LAUNCHING/RUNNING job in line with its Ray Job."""
-        for rec in self.queue.active():
+        active = self.queue.active()
+        for rec in active:
             if known is not None:
                 st = known.get(rec.submission_id)
             else:
                 st = self.launcher.status(rec.submission_id)
             self._settle(rec, st)
+        ids = {r.submission_id for r in active}
+        self._stopped = {sid: t for sid, t in self._stopped.items() if sid in ids}
 
     def _settle(self, rec: JobRecord, st: LaunchStatus | None) -> None:
         q, token, sid = self.queue, self.token, rec.submission_id
@@ -268,8 +298,7 @@ class Dispatcher:
             self._failed(rec, f"Ray job {sid} not found on the cluster")
         elif st.state in _LIVE:
             if rec.cancel_requested:
-                log.info("job %s: stopping Ray job %s", rec.id, sid)
-                self.launcher.stop(sid)
+                self._stop(rec.id, sid)
         elif st.state == "SUCCEEDED":
             q.transition(rec, JobState.SUCCEEDED, message="finished", lock_token=token)
         elif st.state == "STOPPED":
@@ -277,6 +306,16 @@ class Dispatcher:
             q.transition(rec, JobState.CANCELLED, message=why, lock_token=token)
         else:
             self._failed(rec, f"Ray job {sid} failed: {st.message}".strip())
+
+    def _stop(self, job_id: str, sid: str) -> None:
+        # A stopping Ray Job reads RUNNING for a few seconds (SIGTERM, then SIGKILL after Ray's grace
+        # period): ask once, and again only if it is still running well after that.
+        now = time.monotonic()
+        if now - self._stopped.get(sid, -_RESTOP_AFTER_S) < _RESTOP_AFTER_S:
+            return
+        log.info("job %s: stopping Ray job %s", job_id, sid)
+        self.launcher.stop(sid)
+        self._stopped[sid] = now
 
     def _failed(self, rec: JobRecord, why: str) -> None:
         q = self.queue

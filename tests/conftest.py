@@ -151,3 +151,58 @@ def fashion_mnist_dir() -> Path:
     if not (FASHION_MNIST / "train-images-idx3-ubyte.gz").exists():
         pytest.fail(f"{FASHION_MNIST}: Fashion-MNIST missing; run `make setup` (dataset-fashion-mnist)")
     return FASHION_MNIST
+
+
+@dataclass(frozen=True)
+class RayHead:
+    """A local Ray head started with ``ray start --head`` (what users run), on ports of its own."""
+
+    dashboard_url: str  # the Ray Jobs API (ALEXNET_DIST_RAY_DASHBOARD)
+    address: str  # the GCS address (RAY_ADDRESS)
+    log: Path  # the head's output, for a failing test's message
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
+    """A local Ray head of the module's own (own ports, own process group) with 2 CPUs.
+
+    Started with the venv's bin on PATH, so Ray Jobs find the ``alexnet-dist`` entrypoint.
+    """
+    import signal
+    import sys
+
+    ports = {
+        k: free_port()
+        for k in ("port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port")
+    }
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    log_path = tmp_path_factory.mktemp("ray") / "head.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus=2",
+         "--disable-usage-stats", "--dashboard-host=127.0.0.1", *[f"--{k}={v}" for k, v in ports.items()]],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    head = RayHead(f"http://127.0.0.1:{ports['dashboard-port']}", f"127.0.0.1:{ports['port']}", log_path)
+    try:
+        from alexnet_dist.dispatcher import RayJobsLauncher
+
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                RayJobsLauncher(head.dashboard_url).nodes()
+                break
+            except Exception:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(1)
+        yield head
+    finally:
+        # ``ray stop`` would stop every Ray on this machine: kill only this head's process group.
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(3)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        log.close()

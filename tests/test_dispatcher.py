@@ -15,11 +15,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
+from conftest import RayHead
 
 from alexnet_dist.dispatcher import Demand, Dispatcher, LaunchStatus, fits
 from alexnet_dist.queue import JobQueue, JobState
@@ -221,46 +221,6 @@ def test_cancel_of_a_running_job_stops_it(redis_url: str) -> None:
 # -- real Ray -------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A local Ray head of this module's own (own ports, own process group); yields the dashboard URL."""
-    from conftest import free_port
-
-    ports = {
-        k: free_port()
-        for k in ("port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port")
-    }
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
-    log = open(tmp_path_factory.mktemp("ray") / "head.log", "w")
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus=2",
-         "--disable-usage-stats", "--dashboard-host=127.0.0.1", *[f"--{k}={v}" for k, v in ports.items()]],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{ports['dashboard-port']}"
-    try:
-        from alexnet_dist.dispatcher import RayJobsLauncher
-
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                RayJobsLauncher(url).nodes()
-                break
-            except Exception:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise
-                time.sleep(1)
-        yield url
-    finally:
-        # ``ray stop`` would stop every Ray on this machine: kill only this head's process group.
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(3)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-
-
 def _entry(job_id: str, attempt: int) -> str:
     return f"{sys.executable} {HERE} entry {job_id} {attempt}"
 
@@ -287,12 +247,12 @@ def _run_entry(job_id: str, attempt: int) -> None:
 
 
 @pytest.mark.slow
-def test_ray_jobs_launch_retry_result_and_cancel(redis_url: str, ray_head: str) -> None:
+def test_ray_jobs_launch_retry_result_and_cancel(redis_url: str, ray_head: RayHead) -> None:
     from alexnet_dist.dispatcher import RayJobsLauncher
     from alexnet_dist.events import read_events, subscribe_results
 
     queue = JobQueue(connect(redis_url), prefix=PREFIX)
-    launcher = RayJobsLauncher(ray_head)
+    launcher = RayJobsLauncher(ray_head.dashboard_url)
     env = {"ALEXNET_DIST_REDIS_URL": redis_url, "ALEXNET_DIST_REDIS_PREFIX": PREFIX}
     d = Dispatcher(queue, launcher, env=env, entrypoint=_entry, interval_s=0.2, lock_ttl_s=2.0)
     results = subscribe_results(connect(redis_url), queue.keys, timeout_s=120)

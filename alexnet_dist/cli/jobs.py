@@ -172,24 +172,28 @@ def watch(
     queue = _queue(load_settings())
     rec = queue.get(job_id)
     last = "0-0"
+    terminal = {s.value for s in TERMINAL}
+    state = ""  # the newest state event seen: a resumed job's stream holds an earlier attempt's end
 
-    def drain(emit: Any) -> bool:
-        """Read what there is (blocking up to 1 s when following); True once the job has ended."""
-        nonlocal last
-        ended = False
-        for entry_id, event in read_events(
-            queue.client, queue.keys, job_id, after=last, block_ms=1000 if follow else None
-        ):
+    def drain(emit: Any, block_ms: int | None) -> None:
+        nonlocal last, state
+        for entry_id, event in read_events(queue.client, queue.keys, job_id, after=last, block_ms=block_ms):
             last = entry_id
             emit(event)
-            ended = ended or (
-                event.get("type") == "state" and event.get("state") in {s.value for s in TERMINAL}
-            )
-        return ended or not follow or queue.get(job_id).state in TERMINAL
+            if event.get("type") == "state":
+                state = str(event.get("state"))
+
+    def run(emit: Any) -> None:
+        """Replay the stream, then (when following) wait for events until the job has ended."""
+        drain(emit, None)
+        while follow and state not in terminal:
+            drain(emit, 1000)
+            if state not in terminal and queue.get(job_id).state in TERMINAL:
+                drain(emit, None)  # the end's state event is written with the state: show it
+                return
 
     if as_json:
-        while not drain(_print_json):
-            pass
+        run(_print_json)
         return
     columns = (
         TextColumn("{task.description:>5}"),
@@ -200,9 +204,7 @@ def watch(
     )
     out.print(f"{rec.id} ({rec.name}): {rec.state.value}, attempt {rec.attempt}")
     with Progress(*columns, console=out, transient=False) as progress:
-        view = WatchView(progress)
-        while not drain(view.show):
-            pass
+        run(WatchView(progress).show)
 
 
 @app.command()
