@@ -28,6 +28,11 @@ CANDIDATES: dict[str, dict] = {
            "paddings": (1, 2, 1, 1, 1), "fc_units": 256},
     "m3": {"channels": (16, 32, 48, 48, 32), "kernels": (3, 5, 3, 3, 3), "strides": (1, 1, 1, 1, 1),
            "paddings": (1, 2, 1, 1, 1), "fc_units": 256},
+    "m5": {"channels": (16, 32, 48, 48, 32), "kernels": (3, 3, 3, 3, 3), "strides": (1, 1, 1, 1, 1),
+           "paddings": (1, 1, 1, 1, 1), "fc_units": 512},
+    "m6": {"channels": (24, 48, 64, 64, 48), "kernels": (3, 3, 3, 3, 3), "strides": (1, 1, 1, 1, 1),
+           "paddings": (1, 1, 1, 1, 1), "fc_units": 512},
+    "w5": {"channels": (32, 64, 128, 128, 256), "fc_units": 512},
     "m2": {"channels": (24, 64, 96, 96, 64), "kernels": (3, 5, 3, 3, 3), "strides": (1, 1, 1, 1, 1),
            "paddings": (1, 2, 1, 1, 1), "fc_units": 512},
 }  # fmt: skip

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +121,15 @@ def status(job_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
         return
     table = Table(show_header=False)
     for k, v in _summary(rec).items():
+        if k == "result" and isinstance(v, dict):  # the figures people look for; --json has all of it
+            view = "ten-crop" if v.get("ten_crop") else "central crop"
+            v = (
+                f"top-1 error {_fmt(v.get('top1_error'))}, top-5 error {_fmt(v.get('top5_error'))} ({view}, "
+                f"{v.get('val_samples')} images); {v.get('epochs')} epochs in "
+                f"{_fmt(v.get('train_seconds'), 1)} s; model {v.get('model_url')}"
+            )
+        elif k in ("created", "updated") and isinstance(v, float):
+            v = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v))
         table.add_row(k, json.dumps(v) if isinstance(v, dict) else str(v))
     out.print(table)
 
