@@ -309,7 +309,7 @@ class _Stream:
         rng.shuffle(buf)
         yield from buf
 
-    def _view(self, key: str, data: bytes) -> tuple[np.ndarray, np.ndarray]:
+    def _view(self, key: str, data: bytes) -> tuple[torch.Tensor, np.ndarray]:
         crop = self.cfg.crop
         img = augment.fit_min_side(augment.decode_image(data), crop)
         if self.cfg.mode == "train":
@@ -318,7 +318,7 @@ class _Stream:
             light = augment.lighting_offset(alphas, self.eigval, self.eigvec, self.cfg.pca_lighting)
             return augment.crop_flip_view(img, top, left, flip, crop), light
         view = augment.center_crop(img, crop) if self.cfg.mode == "val" else augment.ten_crop(img, crop)
-        return view.numpy(), np.zeros(3, np.float32)
+        return view, np.zeros(3, np.float32)
 
     def _batch(self, samples: list, pad_to: int = 0) -> Batch:
         shape = (
@@ -327,9 +327,9 @@ class _Stream:
             else (10, 3, self.cfg.crop, self.cfg.crop)
         )
         while len(samples) < pad_to:
-            samples.append((np.zeros(shape, np.uint8), np.zeros(3, np.float32), PAD_LABEL, ""))
+            samples.append((torch.zeros(shape, dtype=torch.uint8), np.zeros(3, np.float32), PAD_LABEL, ""))
         return Batch(
-            images=torch.from_numpy(np.stack([s[0] for s in samples])),  # the one copy of each view
+            images=torch.stack([s[0] for s in samples]),  # the one copy of each view
             lighting=torch.from_numpy(np.stack([s[1] for s in samples])),
             labels=torch.tensor([s[2] for s in samples], dtype=torch.int64),
             keys=[s[3] for s in samples],
