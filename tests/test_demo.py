@@ -26,6 +26,7 @@ def test_one_epoch_demo_through_the_whole_service(tmp_path: Path, fashion_mnist_
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
         "EPOCHS": "1",
+        "COLUMNS": "250",  # rich would shorten the image paths in the table to the terminal width
         "DEMO_DIR": str(tmp_path / "demo"),
         "STACK": str(tmp_path / "stack"),
         "SHARDS": str(tmp_path / "shards"),
