@@ -174,10 +174,11 @@ def test_bad_configs_are_refused_with_the_field_named() -> None:
 
 def _ddp_worker(rank: int, world: int, port: int, queue) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     torch.manual_seed(0)  # same initial weights on both ranks
     model = build_model("small", num_classes=10)
+    init = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    dist.init_process_group("gloo", rank=rank, world_size=world)
     ddp = DistributedDataParallel(model, device_ids=None, output_device=None)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
     g = torch.Generator().manual_seed(100 + rank)  # different data per rank
@@ -190,9 +191,8 @@ def _ddp_worker(rank: int, world: int, port: int, queue) -> None:
     gathered = [torch.zeros_like(flat) for _ in range(world)]
     dist.all_gather(gathered, flat)
     if rank == 0:
-        torch.manual_seed(0)
-        init = torch.cat([p.detach().flatten() for p in build_model("small", num_classes=10).parameters()])
         queue.put(((gathered[0] - gathered[1]).abs().max().item(), (gathered[0] - init).abs().max().item()))
+    dist.barrier()  # neither rank tears the group down while the other still uses it
     dist.destroy_process_group()
 
 
