@@ -11,7 +11,6 @@ resumed from an older checkpoint (after a corrupt newest one) writes new names r
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import pickle
@@ -123,10 +122,3 @@ def load_newest_good(latest: Any | None) -> tuple[Any, dict[str, Any]] | None:
         return ckpt, state
     log.warning("no readable checkpoint beside %s: starting from scratch", latest.path)
     return None
-
-
-def model_file_bytes(model_state: dict[str, torch.Tensor], meta: dict[str, Any]) -> bytes:
-    """A model file (see alexnet_dist.modelfile) as bytes, for local or S3 storage."""
-    buf = io.BytesIO()
-    torch.save({"model": {k: v.detach().cpu().contiguous() for k, v in model_state.items()}, **meta}, buf)
-    return buf.getvalue()

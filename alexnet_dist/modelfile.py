@@ -16,6 +16,7 @@ multiplied by it), ``mean`` and ``std`` (per channel, in ``channel_order``), ``r
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 from pathlib import Path
@@ -30,6 +31,7 @@ from alexnet_dist.model import AlexNet, AlexNetConfig
 
 __all__ = [
     "IMAGENET_MEAN_BGR",
+    "model_file_bytes",
     "model_file_meta",
     "imagenet_classes",
     "load_caffemodel",
@@ -153,16 +155,24 @@ def model_file_meta(
     }
 
 
-def save_model_file(path: str | Path, model: AlexNet, meta: dict[str, Any]) -> Path:
-    """Write ``model`` with ``meta`` (config, num_classes, preprocess, classes, source) to ``path``."""
+def model_file_bytes(model_state: dict[str, torch.Tensor], meta: dict[str, Any]) -> bytes:
+    """A model file as bytes (for local files and S3): the weights on the CPU, and ``meta``'s keys."""
     missing = [k for k in _KEYS[1:] if k not in meta]
     if missing:
         raise ConfigError(f"model file metadata: missing {missing}")
+    state = {k: v.detach().cpu().contiguous() for k, v in model_state.items()}
+    buf = io.BytesIO()
+    torch.save({"model": state, **{k: meta[k] for k in _KEYS[1:]}}, buf)
+    return buf.getvalue()
+
+
+def save_model_file(path: str | Path, model: AlexNet, meta: dict[str, Any]) -> Path:
+    """Write ``model`` with ``meta`` (config, num_classes, preprocess, classes, source) to ``path``."""
+    data = model_file_bytes(model.state_dict(), meta)
     path = Path(path)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp = path.with_name(path.name + ".tmp")
     try:
-        torch.save({"model": state, **{k: meta[k] for k in _KEYS[1:]}}, tmp)
+        tmp.write_bytes(data)
         os.replace(tmp, path)  # no half-written model file under the final name
     except OSError as err:
         tmp.unlink(missing_ok=True)
