@@ -11,15 +11,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alexnet_dist.model import AlexNet, AlexNetConfig, local_response_norm
+from alexnet_dist.model import AlexNet, AlexNetConfig, local_response_norm, relu_lrn
 
 # (tower layer, grouped?) for the five convolutions; fc layers are split by output rows.
 _CONVS = (("conv1", True), ("conv2", True), ("conv3", False), ("conv4", True), ("conv5", True))
 
 
 class GroupedAlexNet(nn.Module):
-    def __init__(self, num_classes: int, config: AlexNetConfig) -> None:
+    def __init__(self, num_classes: int, config: AlexNetConfig, *, fused_lrn: bool = False) -> None:
+        """``fused_lrn``: ReLU+LRN through the model's fused kernel (for benchmarks) rather than the
+        plain torch formulation (for tests: an independent yardstick)."""
         super().__init__()
+        self.fused_lrn = fused_lrn
         cfg = self.config = config
         ins = (cfg.in_channels, *cfg.channels[:4])
         self.convs = nn.ModuleList()
@@ -37,20 +40,21 @@ class GroupedAlexNet(nn.Module):
         self.fc7 = nn.Linear(cfg.fc_units, cfg.fc_units)
         self.fc8 = nn.Linear(cfg.fc_units, num_classes)
 
-    def _lrn(self, x: torch.Tensor) -> torch.Tensor:
+    def _relu_lrn(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         args = (cfg.lrn_size, cfg.lrn_alpha, cfg.lrn_beta, cfg.lrn_k)
+        lrn = relu_lrn if self.fused_lrn else lambda t, *a: local_response_norm(F.relu(t), *a)
         if cfg.lrn_span == "all":
-            return local_response_norm(x, *args)
+            return lrn(x, *args)
         a, b = x.chunk(2, dim=1)  # the window stays inside each group's maps
-        return torch.cat([local_response_norm(a, *args), local_response_norm(b, *args)], dim=1)
+        return torch.cat([lrn(a.contiguous(), *args), lrn(b.contiguous(), *args)], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         pool = nn.functional.max_pool2d
         c1, c2, c3, c4, c5 = self.convs
-        x = pool(self._lrn(F.relu(c1(x))), cfg.pool_kernel, cfg.pool_stride)
-        x = pool(self._lrn(F.relu(c2(x))), cfg.pool_kernel, cfg.pool_stride)
+        x = pool(self._relu_lrn(c1(x)), cfg.pool_kernel, cfg.pool_stride)
+        x = pool(self._relu_lrn(c2(x)), cfg.pool_kernel, cfg.pool_stride)
         x = F.relu(c5(F.relu(c4(F.relu(c3(x))))))
         x = pool(x, cfg.pool_kernel, cfg.pool_stride).flatten(1)
         x = F.dropout(F.relu(self.fc6(x)), cfg.dropout, self.training)

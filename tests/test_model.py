@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
+from alexnet_dist import lrn_native
 from alexnet_dist.errors import ConfigError
 from alexnet_dist.model import (
     PRESETS,
@@ -19,16 +20,20 @@ from alexnet_dist.model import (
     build_model,
     count_parameters,
     local_response_norm,
+    relu_lrn,
 )
 from alexnet_dist.reference import GroupedAlexNet
 
 
 def plain_lrn(x: torch.Tensor, size: int, alpha: float, beta: float, k: float) -> torch.Tensor:
-    """Section 3.3 written out: b_i = a_i / (k + alpha * sum_{j=max(0,i-n/2)}^{min(N-1,i+n/2)} a_j^2)^beta."""
+    """Section 3.3 written out: b_i = a_i / (k + alpha * sum_{j=max(0,i-n/2)}^{min(N-1,i+n/2)} a_j^2)^beta.
+
+    An even n reaches one channel further above than below (as Caffe does)."""
     channels = x.shape[1]
+    below = (size - 1) // 2
     out = []
     for i in range(channels):
-        lo, hi = max(0, i - size // 2), min(channels - 1, i + size // 2)
+        lo, hi = max(0, i - below), min(channels - 1, i + size - 1 - below)
         s = (x[:, lo : hi + 1] ** 2).sum(dim=1)
         out.append(x[:, i] / (k + alpha * s) ** beta)
     return torch.stack(out, dim=1)
@@ -98,9 +103,53 @@ def test_fast_lrn_matches_plain_formula_forward_and_backward(span: str) -> None:
     (gx,) = torch.autograd.grad(y, x, g)
     (gref,) = torch.autograd.grad(ref, x, g)
     torch.testing.assert_close(gx, gref, rtol=1e-10, atol=1e-12)
-    assert torch.autograd.gradcheck(
-        lambda t: local_response_norm(t, 3, 1e-2, 0.75, 1.0), (x[:1, :6, :2, :2],)
-    )
+    for size in (3, 4):  # odd and even windows
+        assert torch.autograd.gradcheck(
+            lambda t, n=size: local_response_norm(t, n, 1e-2, 0.75, 1.0), (x[:1, :6, :2, :2],)
+        )
+
+
+@pytest.mark.skipif(not lrn_native.available(), reason="no C compiler: the model uses the torch formulation")
+@pytest.mark.parametrize(
+    ("shape", "size", "beta", "relu"),
+    [
+        ((3, 48, 55, 55), 5, 0.75, True),  # conv1's maps: 3025 pixels, not a multiple of the 256 block
+        ((2, 128, 27, 27), 5, 0.75, False),
+        ((2, 7, 3, 5), 3, 0.6, True),  # fewer channels than a window spans twice; powf path
+        ((1, 9, 4, 4), 4, 0.75, True),  # even window: one more neighbour above than below
+    ],
+)
+def test_fused_cpu_kernel_matches_relu_then_lrn(shape, size: int, beta: float, relu: bool) -> None:
+    torch.manual_seed(4)
+    x64 = (torch.randn(*shape, dtype=torch.float64) * 20).requires_grad_()
+    g = torch.randn(*shape, dtype=torch.float64)
+    args = (size, 1e-3, beta, 2.0)
+    ref = plain_lrn(torch.relu(x64) if relu else x64, *args)  # autograd through the written-out formula
+    (gref,) = torch.autograd.grad(ref, x64, g)
+    x = x64.detach().float().requires_grad_()
+    assert lrn_native.supports(x)
+    y = lrn_native.relu_lrn(x, *args, relu=relu)
+    (gx,) = torch.autograd.grad(y, x, g.float())
+    # float32 against float64: agree to a few ulps of each tensor's scale; dead ReLU units get exactly 0
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-6 * ref.abs().max().item())
+    torch.testing.assert_close(gx.double(), gref, rtol=1e-5, atol=1e-6 * gref.abs().max().item())
+    if relu:
+        assert torch.all(gx[x <= 0] == 0) and torch.all(y[x <= 0] == 0)
+    threads = torch.get_num_threads()
+    try:  # the split over threads changes no number
+        torch.set_num_threads(1)
+        y1 = lrn_native.relu_lrn(x, *args, relu=relu)
+        (g1,) = torch.autograd.grad(y1, x, g.float())
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(y1, y) and torch.equal(g1, gx)
+
+
+def test_relu_lrn_takes_the_torch_path_for_what_the_kernel_does_not_take() -> None:
+    x = torch.randn(2, 6, 3, 3, dtype=torch.float64) * 20
+    assert not lrn_native.supports(x)
+    assert not lrn_native.supports(x.float().to(memory_format=torch.channels_last).transpose(2, 3))
+    torch.testing.assert_close(relu_lrn(x, 5, 1e-3, 0.75, 2.0), plain_lrn(torch.relu(x), 5, 1e-3, 0.75, 2.0))
 
 
 def test_lrn_matches_torch_with_alpha_scaled_by_n() -> None:
@@ -118,7 +167,9 @@ def test_towers_equal_grouped_reference(preset: str, span: str) -> None:
     towers = AlexNet(num_classes=10, config=cfg).eval()
     for p in towers.parameters():  # larger weights than N(0, 0.01), so every layer's output matters
         p.data.normal_(0, 0.05)
-    ref = GroupedAlexNet(10, cfg).copy_from(towers).eval()
+    # The same ReLU+LRN function in both (tested against the formula above): with two roundings of it,
+    # max-pooling's near-ties break differently and move single gradients by 1e-3 of their scale.
+    ref = GroupedAlexNet(10, cfg, fused_lrn=True).copy_from(towers).eval()
     x = torch.randn(3, 3, cfg.image_size, cfg.image_size)
     out, out_ref = towers(x), ref(x)
     assert out.abs().max() > 1e-3
