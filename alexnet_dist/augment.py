@@ -10,14 +10,18 @@ The paper's lambda_i are eigenvalues of the RGB covariance of pixels on the [0, 
 reimplementation, e.g. fb.resnet.torch, reads it). The manifest stores them on the 0-255 scale, where
 the same offset in 0-255 units is ``sum_i alpha_i * lambda_i / 255 * p_i``.
 
-Each sample's randomness comes from a generator seeded by (seed, epoch, key), so the augmented stream is
-the same whatever the number of loader workers and whichever worker decodes the sample.
+Each sample's randomness is a hash of (seed, epoch, key), so the augmented stream is the same whatever the
+number of loader workers and whichever worker decodes the sample.
+
+The loader writes each view straight into its batch in HWC order (``write_view``), the order the JPEG
+decoder produces: no per-pixel transpose on the loader's CPUs. The batch is handed out as a [B, 3, S, S]
+tensor with channels-last strides; ``normalize`` lays it out on the device.
 """
 
 from __future__ import annotations
 
 import hashlib
-import warnings
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -26,20 +30,40 @@ import torch.nn.functional as F
 import torchvision.io as tvio  # imported here, once: forked loader workers inherit it
 
 PCA_SIGMA = 0.1  # std of the lighting alphas (section 4.1)
+_TO_UNIT = 2.0**-53  # a 53-bit integer times this: a float uniform on [0, 1)
+_TAU = 2.0 * math.pi
+Alphas = tuple[float, float, float]
 
 
-def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
-    """A generator that is a pure function of (seed, epoch, key)."""
-    digest = hashlib.blake2b(f"{seed}:{epoch}:{key}".encode(), digest_size=16).digest()
-    return np.random.Generator(np.random.PCG64(int.from_bytes(digest, "little")))
+def train_params(seed: int, epoch: int, key: str, h: int, w: int, crop: int) -> tuple[int, int, bool, Alphas]:
+    """(top, left, flip, alphas) of one training sample: a pure function of (seed, epoch, key).
+
+    A uniform crop position, a fair coin and three N(0, 1) draws (Box-Muller), all read off one 64-byte
+    BLAKE2b digest: ~3 us a sample, where seeding a numpy Generator per sample cost ~16 us (issue 3's
+    decode-ceiling target leaves ~25 us a sample for everything that is not the JPEG decode).
+    """
+    d = hashlib.blake2b(f"{seed}:{epoch}:{key}".encode(), digest_size=64).digest()
+    top = int.from_bytes(d[0:8], "little") % (h - crop + 1)  # modulo bias < 2^-50
+    left = int.from_bytes(d[8:16], "little") % (w - crop + 1)
+    flip = bool(d[16] & 1)
+    u = [(int.from_bytes(d[i : i + 8], "little") >> 11) * _TO_UNIT for i in (24, 32, 40, 48)]  # [0, 1)
+    r0, r1 = math.sqrt(-2.0 * math.log1p(-u[0])), math.sqrt(-2.0 * math.log1p(-u[2]))  # 1 - u in (0, 1]
+    alphas = (r0 * math.cos(_TAU * u[1]), r0 * math.sin(_TAU * u[1]), r1 * math.cos(_TAU * u[3]))
+    return top, left, flip, alphas
 
 
-def decode_image(data: bytes) -> torch.Tensor:
-    """JPEG/PNG bytes -> uint8 RGB tensor [3, H, W] (libjpeg-turbo via torchvision: faster than PIL)."""
-    buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    with warnings.catch_warnings():  # torchvision 0.29 flags its decoders deprecated (for torchcodec)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return tvio.decode_image(buf, mode=tvio.ImageReadMode.RGB)
+_RGB = tvio.ImageReadMode.RGB.value
+
+
+def decode_image(data: bytes | bytearray) -> torch.Tensor:
+    """JPEG/PNG bytes -> uint8 RGB [3, H, W] (libjpeg-turbo via torchvision: faster than PIL).
+
+    The result is HWC in memory (a CHW view). The op is called directly: torchvision's Python wrapper (API
+    logging, a deprecation warning for torchcodec, its filtering) cost ~15 us an image. A ``bytearray`` is
+    decoded in place; ``bytes`` are copied first (torch wants a writable buffer).
+    """
+    buf = torch.frombuffer(data if isinstance(data, bytearray) else bytearray(data), dtype=torch.uint8)
+    return torch.ops.image.decode_image(buf, _RGB, False)
 
 
 def fit_min_side(img: torch.Tensor, side: int) -> torch.Tensor:
@@ -53,21 +77,29 @@ def fit_min_side(img: torch.Tensor, side: int) -> torch.Tensor:
     return out[0].round().clamp(0, 255).to(torch.uint8)
 
 
-def train_params(rng: np.random.Generator, h: int, w: int, crop: int) -> tuple[int, int, bool, np.ndarray]:
-    """(top, left, flip, alphas): a uniform crop position, a fair coin, and three N(0, 1) draws."""
-    top = int(rng.integers(0, h - crop + 1))
-    left = int(rng.integers(0, w - crop + 1))
-    flip = bool(rng.integers(0, 2))
-    alphas = rng.standard_normal(3)
-    return top, left, flip, alphas
+def lighting_matrix(eigval: Sequence[float], eigvec: Sequence[Sequence[float]], sigma: float) -> np.ndarray:
+    """[3, 3] float64 ``M`` with the RGB offset (0-255 units) = ``alphas @ M`` for unit-normal alphas.
+
+    Row i is ``sigma * lambda_i / 255 * p_i``: the offset is sum_i sigma*alpha_i * lambda_i/255 * p_i.
+    """
+    scale = sigma * np.asarray(eigval, dtype=np.float64) / 255.0
+    return scale[:, None] * np.asarray(eigvec, dtype=np.float64)
+
+
+def lighting_offsets(alphas: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """float32 [N, 3] RGB offsets of unit-normal ``alphas`` [N, 3].
+
+    Elementwise, not a BLAS matmul, so each row's bits do not depend on N (nor on the loader workers).
+    """
+    a = np.asarray(alphas, dtype=np.float64).reshape(-1, 3)
+    return (a[:, 0:1] * matrix[0] + a[:, 1:2] * matrix[1] + a[:, 2:3] * matrix[2]).astype(np.float32)
 
 
 def lighting_offset(
-    alphas: np.ndarray, eigval: Sequence[float], eigvec: Sequence[Sequence[float]], sigma: float
+    alphas: Sequence[float], eigval: Sequence[float], eigvec: Sequence[Sequence[float]], sigma: float
 ) -> np.ndarray:
-    """RGB offset (0-255 units) for unit-normal ``alphas``: sum_i sigma*alpha_i * lambda_i/255 * p_i."""
-    weights = sigma * np.asarray(alphas, dtype=np.float64) * np.asarray(eigval, dtype=np.float64) / 255.0
-    return (weights @ np.asarray(eigvec, dtype=np.float64)).astype(np.float32)
+    """float32 (3,) RGB offset (0-255 units) for one sample's unit-normal ``alphas``."""
+    return lighting_offsets(np.asarray(alphas), lighting_matrix(eigval, eigvec, sigma))[0]
 
 
 def mirror(img: torch.Tensor) -> torch.Tensor:
@@ -75,23 +107,42 @@ def mirror(img: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(img.numpy()[..., ::-1]))
 
 
-def crop_flip_view(img: torch.Tensor, top: int, left: int, flip: bool, crop: int) -> torch.Tensor:
-    """The training view: a crop view (no copy), mirrored by torch's vectorised flip when ``flip``.
+def write_view(dst: torch.Tensor, img: torch.Tensor, top: int, left: int, flip: bool) -> None:
+    """Copy the ``crop x crop`` patch of ``img`` [3, H, W] at (top, left), mirrored when ``flip``, into ``dst``.
 
-    A numpy ``[..., ::-1]`` view copied later byte by byte cost 4x more (8.4 ms against 2.1 ms for a batch
-    of 64 at 227 px): the batch's ``torch.stack`` makes the one remaining copy.
+    ``dst`` is [crop, crop, 3] (HWC). The decoder's output is HWC in memory (a CHW view), so the copy is
+    row by row, and a mirror copy reverses pixels: 15 and 40 us at 227 px, where gathering the same patch
+    into CHW cost ~130 us (a transpose of every pixel).
     """
-    out = img[:, top : top + crop, left : left + crop]
-    return out.flip(-1) if flip else out
+    crop = dst.shape[0]
+    src = img.permute(1, 2, 0)[top : top + crop, left : left + crop]
+    dst.copy_(src.flip(1) if flip else src)
+
+
+def center_position(h: int, w: int, crop: int) -> tuple[int, int]:
+    return (h - crop) // 2, (w - crop) // 2
+
+
+def write_ten_crop(dst: torch.Tensor, img: torch.Tensor) -> None:
+    """``ten_crop`` written into ``dst`` [10, crop, crop, 3] (HWC): five crops, then those of the mirror.
+
+    The mirror's crop at (t, l) is the mirrored crop of the original at (t, W - crop - l).
+    """
+    crop, (h, w) = dst.shape[1], img.shape[-2:]
+    five = [(0, 0), (0, w - crop), (h - crop, 0), (h - crop, w - crop), center_position(h, w, crop)]
+    for v, (top, left) in enumerate(five):
+        write_view(dst[v], img, top, left, False)
+        write_view(dst[5 + v], img, top, w - crop - left, True)
 
 
 def random_crop_flip(img: torch.Tensor, top: int, left: int, flip: bool, crop: int) -> torch.Tensor:
-    return crop_flip_view(img, top, left, flip, crop).contiguous()
+    """[3, crop, crop] contiguous: the patch ``write_view`` writes, as its own tensor."""
+    out = img[:, top : top + crop, left : left + crop]
+    return (out.flip(-1) if flip else out).contiguous()
 
 
 def center_crop(img: torch.Tensor, crop: int) -> torch.Tensor:
-    h, w = img.shape[-2:]
-    top, left = (h - crop) // 2, (w - crop) // 2
+    top, left = center_position(*img.shape[-2:], crop)
     return img[:, top : top + crop, left : left + crop]
 
 
@@ -119,6 +170,8 @@ def normalize(
     """``(x + lighting - mean) / std`` as float32 on ``device``; images [B,3,S,S] or ten-crop [B,10,3,S,S].
 
     The uint8 batch crosses to the device first (4x fewer bytes than float), then the arithmetic runs there.
+    The loader's batches have channels-last strides (HWC in memory); the result is contiguous (NCHW), or
+    channels-last when ``channels_last``, whatever the input's strides.
     """
     x = images_u8.to(device, non_blocking=True).float()
     light = lighting.to(device, non_blocking=True).float()
@@ -127,6 +180,5 @@ def normalize(
     std_t = torch.tensor(std, dtype=torch.float32, device=x.device).view(shape)
     light = light.view(light.shape[0], *([1] * (x.dim() - 4)), 3, 1, 1)
     x = (x + light - mean_t) / std_t
-    if channels_last and x.dim() == 4:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x
+    layout = torch.channels_last if channels_last and x.dim() == 4 else torch.contiguous_format
+    return x.contiguous(memory_format=layout)

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from alexnet_dist import storage
@@ -271,28 +270,12 @@ def image_views(image: Any, preprocess: dict[str, Any], *, ten_crop: bool = Fals
     The central crop is :func:`alexnet_dist.modelfile.preprocess_image` itself; ten-crop resizes the same
     way and takes its crops from the whole resized image, as the evaluation pipeline does.
     """
-    from PIL import Image
-
     from alexnet_dist import augment
     from alexnet_dist.modelfile import preprocess_image
 
     if not ten_crop:
         return preprocess_image(image, preprocess)
-    img = image.convert("RGB")
-    size, crop = int(preprocess["resize"]), int(preprocess["crop"])
-    if preprocess.get("resize_mode", "warp") == "warp":
-        img = img.resize((size, size), Image.BILINEAR)
-    else:
-        ratio = size / min(img.size)
-        img = img.resize(
-            (max(crop, round(img.width * ratio)), max(crop, round(img.height * ratio))), Image.BILINEAR
-        )
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    if preprocess["channel_order"] == "BGR":
-        x = x.flip(0)
-    mean = torch.tensor(preprocess["mean"], dtype=torch.float32).view(-1, 1, 1)
-    std = torch.tensor(preprocess["std"], dtype=torch.float32).view(-1, 1, 1)
-    return augment.ten_crop((x * float(preprocess["scale"]) - mean) / std, crop)
+    return augment.ten_crop(preprocess_image(image, preprocess, crop=False), int(preprocess["crop"]))
 
 
 def classify_images(

@@ -21,11 +21,14 @@ round-robin continues where it stopped: the rest of the epoch comes in the same 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
+import os
 import random
 import tarfile
-from collections.abc import Iterator
+import weakref
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -41,6 +44,10 @@ log = logging.getLogger(__name__)
 
 PAD_LABEL = -1  # label of padding samples: ignore them in the loss and the accuracy
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+# Shared batch buffers a loader worker recycles. In flight at once: DataLoader's prefetch (2 per worker), one
+# in the pin-memory thread, one or two with the consumer; when all are taken a fresh buffer is used, never
+# a wait. A fresh 10 MB buffer costs ~75 us per 227 px image in page faults here (issue 3), half a decode.
+POOL_SLOTS = 6
 
 
 @dataclass(frozen=True)
@@ -70,19 +77,104 @@ class LoaderConfig:
 
 @dataclass
 class Batch:
-    images: torch.Tensor  # uint8 [B, 3, S, S]; ten_crop: [B, 10, 3, S, S]
+    images: torch.Tensor  # uint8 [B, 3, S, S] (ten_crop: [B, 10, 3, S, S]), channels-last strides (HWC)
     lighting: torch.Tensor  # float32 [B, 3]: RGB offsets, 0-255 units, to add before normalising
     labels: torch.Tensor  # int64 [B]; PAD_LABEL for padding
     keys: list[str]  # sample keys; "" for padding
     stream: int = 0  # which stream made it (bookkeeping for resume)
     records: int = 0  # records that stream has consumed so far this epoch (bad ones included)
     bad: int = 0  # bad samples that stream has met so far this epoch
+    slot: tuple[str, int, int] | None = None  # (pool, worker, slot) of a worker's recycled buffer
 
     def pin_memory(self) -> Batch:  # called by DataLoader(pin_memory=True)
         self.images, self.lighting, self.labels = (
             t.pin_memory() for t in (self.images, self.lighting, self.labels)
         )
         return self
+
+    def __reduce__(self):  # from a loader worker: unpickled in the main process by _received_batch
+        fields = (self.images, self.lighting, self.labels, self.keys, self.stream, self.records, self.bad)
+        return _received_batch, (*fields, self.slot)
+
+
+_POOLS: dict[str, torch.Tensor] = {}  # main process: pool name -> slot flags [workers, POOL_SLOTS]
+_pool_names = itertools.count()
+
+
+def _release(flags: torch.Tensor, worker: int, slot: int) -> None:
+    flags[worker, slot] = 0
+
+
+def _received_batch(*fields: Any) -> Batch:
+    """A batch arriving from a worker: once nothing here uses its buffer (views included), hand it back."""
+    batch = Batch(*fields)
+    flags = _POOLS.get(batch.slot[0]) if batch.slot is not None else None
+    if flags is not None:
+        # PyTorch keeps a storage's Python object alive as long as any tensor uses the storage, so this
+        # runs when the last view of the batch's memory is gone, not when `batch` is.
+        done = weakref.finalize(batch.images.untyped_storage(), _release, flags, *batch.slot[1:])
+        done.atexit = False
+    return batch
+
+
+class _BufferPool:
+    """A loader worker's shared-memory batch buffers; a slot is refilled only after the main process let go.
+
+    DataLoader moves a batch to the main process through shared memory: a tensor already there travels as a
+    handle, a private one is copied into a fresh shared buffer first. Fresh pages are what costs (allocated,
+    zeroed, faulted in: ~4.5 ms per 10 MB batch on this VM), so the worker keeps POOL_SLOTS buffers; a
+    flag per slot in memory shared with the main process says whether the main process still uses it
+    (1, set here when sent) or not (0, set by a finalizer there, see ``_received_batch``).
+    """
+
+    def __init__(self, name: str, flags: np.ndarray, worker: int) -> None:
+        self.name, self.flags, self.worker = name, flags, worker  # flags: this worker's row
+        self.buffers: list[torch.Tensor] = []
+
+    def take(self, nbytes: int) -> tuple[torch.Tensor, tuple[str, int, int] | None]:
+        for slot, buf in enumerate(self.buffers):
+            if self.flags[slot] == 0:
+                self.flags[slot] = 1
+                return buf, (self.name, self.worker, slot)
+        buf = torch.empty(nbytes, dtype=torch.uint8).share_memory_()
+        if len(self.buffers) == POOL_SLOTS:
+            return buf, None  # all slots in use (a consumer keeping batches): this one is not recycled
+        self.buffers.append(buf)
+        self.flags[len(self.buffers) - 1] = 1
+        return buf, (self.name, self.worker, len(self.buffers) - 1)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where a batch's images (HWC), lighting and labels lie in its one uint8 buffer (64-byte aligned)."""
+
+    batch: int
+    views: int  # 10 for ten_crop, else 1
+    crop: int
+
+    @property
+    def image_bytes(self) -> int:
+        return self.batch * self.views * self.crop * self.crop * 3
+
+    @property
+    def lighting_at(self) -> int:
+        return -(-self.image_bytes // 64) * 64
+
+    @property
+    def labels_at(self) -> int:
+        return -(-(self.lighting_at + self.batch * 12) // 64) * 64
+
+    @property
+    def nbytes(self) -> int:
+        return self.labels_at + self.batch * 8
+
+    def split(self, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(images [B, V, S, S, 3] uint8, lighting [B, 3] float32, labels [B] int64), views of ``buf``."""
+        b, s = self.batch, self.crop
+        images = buf[: self.image_bytes].view(b, self.views, s, s, 3)
+        lighting = buf[self.lighting_at : self.lighting_at + b * 12].view(torch.float32).view(b, 3)
+        labels = buf[self.labels_at : self.labels_at + b * 8].view(torch.int64)
+        return images, lighting, labels
 
 
 @dataclass(frozen=True)
@@ -167,16 +259,38 @@ def round_robin_position(quotas: list[int], consumed: int) -> tuple[list[int], i
 # --- reading shards ---------------------------------------------------------------------------------
 
 
-def _tar_members(stream) -> Iterator[tuple[str, bytes]]:
+_TAR_CHUNK = 1 << 20  # bytes per read from the stream: headers are parsed out of big reads
+
+
+def _tar_members(stream) -> Iterator[tuple[str, bytearray]]:
     """(name, data) of each regular file in a tar stream: ustar, GNU long names and pax paths.
 
-    A hand-rolled reader: ``tarfile`` spends ~90 us per header in Python, as much as decoding a small JPEG.
-    A stream that ends inside a member raises EOFError; one that ends between members just ends.
+    A hand-rolled reader over 1 MB reads: ``tarfile`` spends ~90 us per header in Python, as much as decoding
+    a small JPEG, and three small ``read`` calls per member cost ~10 us more. Data come as ``bytearray``s,
+    which the decoder reads in place. A stream that ends inside a member raises EOFError; one that ends
+    between members just ends.
     """
+    buf, pos = bytearray(), 0
     long_name: str | None = None
+
+    def fill(n: int) -> bool:  # make buf[pos : pos + n] available; False at the end of the stream
+        nonlocal buf, pos
+        if len(buf) - pos >= n:
+            return True
+        del buf[:pos]
+        pos = 0
+        while len(buf) < n:
+            more = stream.read(max(_TAR_CHUNK, n - len(buf)))
+            if not more:
+                return False
+            buf += more
+        return True
+
     while True:
-        header = stream.read(512)
-        if len(header) < 512 or header == bytes(512):
+        if not fill(512):
+            return
+        header = bytes(buf[pos : pos + 512])
+        if header == _ZERO_BLOCK:
             return
         raw = header[124:136]
         if raw[0] & 0x80:  # base-256 size (GNU, files over 8 GB)
@@ -186,10 +300,11 @@ def _tar_members(stream) -> Iterator[tuple[str, bytes]]:
                 size = int(raw.split(b"\0", 1)[0].strip() or b"0", 8)
             except ValueError as err:
                 raise tarfile.ReadError(f"bad tar header size {raw!r}") from err
-        data = stream.read(size)
-        if len(data) < size:
-            raise EOFError(f"tar ends inside a member ({len(data)} of {size} bytes)")
-        stream.read(-size % 512)
+        padded = size + (-size % 512)
+        if not fill(512 + size):
+            raise EOFError(f"tar ends inside a member ({len(buf) - pos - 512} of {size} bytes)")
+        data = buf[pos + 512 : pos + 512 + size]
+        pos = min(len(buf), pos + 512 + padded)  # a last member's padding may be cut: the stream ends
         kind = header[156:157]
         if kind == b"L":  # GNU: the next member's long name
             long_name = data.rstrip(b"\0").decode()
@@ -212,7 +327,10 @@ def _tar_members(stream) -> Iterator[tuple[str, bytes]]:
         yield name, data
 
 
-def iter_tar(stream) -> Iterator[tuple[str, dict[str, bytes]]]:
+_ZERO_BLOCK = bytes(512)
+
+
+def iter_tar(stream) -> Iterator[tuple[str, dict[str, bytearray]]]:
     """(key, {extension: bytes}) per sample of a WebDataset tar stream (key = name up to the first dot)."""
     key, files = None, {}
     for name, data in _tar_members(stream):
@@ -228,7 +346,7 @@ def iter_tar(stream) -> Iterator[tuple[str, dict[str, bytes]]]:
         yield key, files
 
 
-def check_record(files: dict[str, bytes], num_classes: int) -> tuple[str | None, int, str]:
+def check_record(files: Mapping[str, bytes | bytearray], num_classes: int) -> tuple[str | None, int, str]:
     """(image extension, label, problem): a problem is "" for a good record."""
     ext = next((e for e in IMAGE_EXTS if e in files), None)
     if ext is None:
@@ -261,6 +379,11 @@ class _Stream:
     cfg: LoaderConfig
     endpoint_url: str | None
     records: int = field(default=0)
+    pool: _BufferPool | None = None  # set in a loader worker
+
+    @property
+    def light_matrix(self) -> np.ndarray:
+        return augment.lighting_matrix(self.eigval, self.eigvec, self.cfg.pca_lighting)
 
     def _bad(self, url: str, key: str, why: str, n: int = 1) -> None:
         if self.records < self.skip:
@@ -309,74 +432,112 @@ class _Stream:
         rng.shuffle(buf)
         yield from buf
 
-    def _view(self, key: str, data: bytes) -> tuple[torch.Tensor, np.ndarray]:
+    def _write(self, dst: torch.Tensor, key: str, data: bytes) -> augment.Alphas | None:
+        """Decode one sample and write its view(s) into ``dst`` [V, S, S, 3]; its lighting alphas (train)."""
         crop = self.cfg.crop
         img = augment.fit_min_side(augment.decode_image(data), crop)
+        h, w = img.shape[-2:]
         if self.cfg.mode == "train":
-            rng = augment.sample_rng(self.seed, self.epoch, key)
-            top, left, flip, alphas = augment.train_params(rng, img.shape[1], img.shape[2], crop)
-            light = augment.lighting_offset(alphas, self.eigval, self.eigvec, self.cfg.pca_lighting)
-            return augment.crop_flip_view(img, top, left, flip, crop), light
-        view = augment.center_crop(img, crop) if self.cfg.mode == "val" else augment.ten_crop(img, crop)
-        return view, np.zeros(3, np.float32)
+            top, left, flip, alphas = augment.train_params(self.seed, self.epoch, key, h, w, crop)
+            augment.write_view(dst[0], img, top, left, flip)
+            return alphas
+        if self.cfg.mode == "val":
+            augment.write_view(dst[0], img, *augment.center_position(h, w, crop), False)
+        else:
+            augment.write_ten_crop(dst, img)
+        return None
 
-    def _batch(self, samples: list, pad_to: int = 0) -> Batch:
-        shape = (
-            (3, self.cfg.crop, self.cfg.crop)
-            if self.cfg.mode != "ten_crop"
-            else (10, 3, self.cfg.crop, self.cfg.crop)
-        )
-        while len(samples) < pad_to:
-            samples.append((torch.zeros(shape, dtype=torch.uint8), np.zeros(3, np.float32), PAD_LABEL, ""))
+    def _buffer(self, layout: _Layout) -> tuple[torch.Tensor, tuple[str, int, int] | None]:
+        if self.pool is not None:
+            return self.pool.take(layout.nbytes)
+        return torch.empty(layout.nbytes, dtype=torch.uint8), None  # in-process: no pages to share
+
+    def _batch(self, layout: _Layout, buf: torch.Tensor, slot, filled: _Filled, pad_to: int = 0) -> Batch:
+        """The batch of the ``n`` samples written into ``buf``, padded with PAD_LABEL samples to ``pad_to``."""
+        images, lighting, labels = layout.split(buf)
+        n = len(filled.keys)
+        m = max(n, pad_to)
+        images[n:m].zero_()
+        light = np.zeros((m, 3), np.float32)
+        if self.cfg.mode == "train" and n:
+            light[:n] = augment.lighting_offsets(np.array(filled.alphas), self.light_matrix)
+        lighting[:m] = torch.from_numpy(light)
+        labels[:m] = torch.tensor(filled.labels + [PAD_LABEL] * (m - n), dtype=torch.int64)
+        # HWC memory, NCHW shape: channels-last strides (augment.normalize lays it out on the device)
+        view = images[:m, 0].permute(0, 3, 1, 2) if layout.views == 1 else images[:m].permute(0, 1, 4, 2, 3)
         return Batch(
-            images=torch.stack([s[0] for s in samples]),  # the one copy of each view
-            lighting=torch.from_numpy(np.stack([s[1] for s in samples])),
-            labels=torch.tensor([s[2] for s in samples], dtype=torch.int64),
-            keys=[s[3] for s in samples],
+            images=view,
+            lighting=lighting[:m],
+            labels=labels[:m],
+            keys=filled.keys + [""] * (m - n),
             stream=self.plan.stream,
             records=self.records,
             bad=self.bad,
+            slot=slot,
         )
 
     def batches(self) -> Iterator[Batch]:
         bsz, left = self.cfg.batch_size, self.plan.quota - self.done
         if left <= 0:
             return
-        samples: list = []
+        layout = _Layout(bsz, 10 if self.cfg.mode == "ten_crop" else 1, self.cfg.crop)
+        buf, slot, filled = None, None, _Filled()
         for url, key, _, label, data in self._shuffled(self._good_records()):
             self.records += 1
             if self.records <= self.skip:
                 continue
+            if buf is None:
+                buf, slot = self._buffer(layout)
+                images = layout.split(buf)[0]
             try:
-                image, light = self._view(key, data)
+                alphas = self._write(images[len(filled.keys)], key, data)
             except Exception as err:  # a corrupt image: counted and skipped, never fatal by itself
                 self._bad(url, key, f"cannot decode: {type(err).__name__}: {str(err).splitlines()[0][:80]}")
                 continue
-            samples.append((image, light, label, key))
-            if len(samples) == bsz:
-                yield self._batch(samples)
-                samples, left = [], left - 1
+            filled.add(key, label, alphas)
+            if len(filled.keys) == bsz:
+                yield self._batch(layout, buf, slot, filled)
+                buf, slot, filled, left = None, None, _Filled(), left - 1
                 if left == 0:
                     return
-        if samples:  # eval's last partial batch; or a train stream short of its quota (padded to B)
-            yield self._batch(samples, bsz if self.cfg.mode == "train" else 0)
-            left -= 1
+        if filled.keys:  # eval's last partial batch; or a train stream short of its quota (padded to B)
+            yield self._batch(layout, buf, slot, filled, bsz if self.cfg.mode == "train" else 0)
+            buf, slot, left = None, None, left - 1
         if left > 0:
             log.warning("%s: stream %d ran %d batches short; padding", self.url, self.plan.stream, left)
         for _ in range(left):
-            yield self._batch([], bsz)
+            if buf is None:
+                buf, slot = self._buffer(layout)
+            yield self._batch(layout, buf, slot, _Filled(), bsz)
+            buf, slot = None, None
+
+
+@dataclass
+class _Filled:
+    """What a batch being written holds so far, besides its pixels."""
+
+    keys: list[str] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    alphas: list[augment.Alphas | None] = field(default_factory=list)
+
+    def add(self, key: str, label: int, alphas: augment.Alphas | None) -> None:
+        self.keys.append(key)
+        self.labels.append(label)
+        self.alphas.append(alphas)
 
 
 class _EpochDataset(IterableDataset):
-    def __init__(self, streams: list[_Stream]) -> None:
-        self.streams = streams
+    def __init__(self, streams: list[_Stream], pool: str, flags: torch.Tensor) -> None:
+        self.streams, self.pool, self.flags = streams, pool, flags  # flags: shared, [workers, POOL_SLOTS]
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         if info is None:
             return _interleave([s.batches() for s in self.streams])
         torch.set_num_threads(1)  # one decode per worker process; the cores are the workers
-        return self.streams[info.id].batches()
+        stream = self.streams[info.id]
+        stream.pool = _BufferPool(self.pool, self.flags[info.id].numpy(), info.id)
+        return stream.batches()
 
 
 def _interleave(iterators: list[Iterator[Batch]]) -> Iterator[Batch]:
@@ -484,11 +645,13 @@ class ShardLoader:
         length = self.plan().length
         real = min(length, sum(s.plan.quota for s in streams))
         if consumed < real:
+            pool = f"{os.getpid()}:{next(_pool_names)}"
             if self.cfg.num_workers == 0:
                 source: Any = _interleave([s.batches() for s in streams])
             else:
-                source = DataLoader(_EpochDataset(streams), batch_size=None, num_workers=len(streams),
-                                    pin_memory=self.cfg.pin_memory)  # fmt: skip
+                _POOLS[pool] = torch.zeros(len(streams), POOL_SLOTS, dtype=torch.uint8).share_memory_()
+                source = DataLoader(_EpochDataset(streams, pool, _POOLS[pool]), batch_size=None,
+                                    num_workers=len(streams), pin_memory=self.cfg.pin_memory)  # fmt: skip
             try:
                 for batch in source:
                     self._streams[batch.stream] = [batch.records, batch.bad]
@@ -498,6 +661,8 @@ class ShardLoader:
                         break
             except DataError as err:  # from a worker, DataLoader puts the traceback into the message
                 raise DataError(_one_line(err)) from err
+            finally:
+                _POOLS.pop(pool, None)  # batches still held keep their flags through their finalizers
         shape = (
             (1, 3, self.cfg.crop, self.cfg.crop)
             if self.cfg.mode != "ten_crop"

@@ -211,21 +211,25 @@ def load_model_file(
     return model.place(devices).eval(), {k: v for k, v in data.items() if k != "model"}
 
 
-def preprocess_image(image: Any, preprocess: dict[str, Any]) -> torch.Tensor:
-    """A PIL image -> the network's input tensor (channels, crop, crop), as ``preprocess`` says."""
+def preprocess_image(image: Any, preprocess: dict[str, Any], *, crop: bool = True) -> torch.Tensor:
+    """A PIL image -> the network's input tensor (channels, crop, crop), as ``preprocess`` says.
+
+    ``crop=False`` keeps the whole resized image (normalized the same way), for ten-crop views.
+    """
     from PIL import Image
 
     img = image.convert("RGB")
-    size, crop = int(preprocess["resize"]), int(preprocess["crop"])
+    size, side = int(preprocess["resize"]), int(preprocess["crop"])
     if preprocess.get("resize_mode", "warp") == "warp":
         img = img.resize((size, size), Image.BILINEAR)
     else:  # "shorter": keep the aspect ratio
         ratio = size / min(img.size)
         img = img.resize(
-            (max(crop, round(img.width * ratio)), max(crop, round(img.height * ratio))), Image.BILINEAR
+            (max(side, round(img.width * ratio)), max(side, round(img.height * ratio))), Image.BILINEAR
         )
-    left, top = (img.width - crop) // 2, (img.height - crop) // 2
-    img = img.crop((left, top, left + crop, top + crop))
+    if crop:
+        left, top = (img.width - side) // 2, (img.height - side) // 2
+        img = img.crop((left, top, left + side, top + side))
     x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)  # RGB in [0, 1]
     if preprocess["channel_order"] == "BGR":
         x = x.flip(0)
