@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from jobspecs import cpu_spec
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -207,7 +208,6 @@ def trained(tmp_path_factory, redis_server, s3_server):
     from alexnet_dist.queue import JobQueue, JobState
     from alexnet_dist.redisconn import connect
     from alexnet_dist.shardwriter import BuildOptions, build
-    from alexnet_dist.spec import parse_spec
     from alexnet_dist.train import run_training
 
     root = tmp_path_factory.mktemp("classify")
@@ -221,23 +221,16 @@ def trained(tmp_path_factory, redis_server, s3_server):
             split=split,
         )
         manifests[split] = m
-    spec = parse_spec(
-        {
-            "name": "classify-test",
-            "seed": 11,
-            "retries": 0,
-            "data": {
-                "train": manifests["train"].url,
-                "val": manifests["test"].url,
-                "loader_workers": 0,
-                "shuffle_buffer": 0,
-            },
-            "model": {"preset": "small", "num_classes": 10},
-            "optim": {"lr": 0.02, "schedule": "cosine"},
-            "train": {"epochs": 1, "batch_size": 32, "ten_crop_eval": False, "log_every_steps": 20},
-            "scaling": {"workers": 2, "devices": "cpu"},
-            "checkpoint": {"storage": str(root / "runs"), "every_steps": 0, "keep": 2},
-        }
+    spec = cpu_spec(
+        manifests["train"].url,
+        manifests["test"].url,
+        str(root / "runs"),
+        name="classify-test",
+        seed=11,
+        train__epochs=1,
+        train__log_every_steps=20,
+        checkpoint__every_steps=0,
+        checkpoint__keep=2,
     )
     prefix = "classify-test:"
     settings = Settings(redis_url=redis_server.url, redis_prefix=prefix)

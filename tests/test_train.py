@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from jobspecs import cpu_spec
 
 from alexnet_dist.errors import ClusterError
 from alexnet_dist.model import build_model
 from alexnet_dist.settings import Settings
 from alexnet_dist.shardwriter import BuildOptions, build
-from alexnet_dist.spec import JobSpec, parse_spec
+from alexnet_dist.spec import JobSpec
 from alexnet_dist.train import run_training
 
 pytestmark = pytest.mark.slow
@@ -59,26 +60,8 @@ def shards(tmp_path_factory) -> dict[str, str]:
 
 
 def make_spec(shards: dict[str, str], storage: str, *, tiny: bool = True, **overrides) -> JobSpec:
-    data = {
-        "name": "t",
-        "seed": 7,
-        "retries": 0,
-        "data": {
-            "train": shards["tiny_train" if tiny else "train"],
-            "val": shards["tiny_test" if tiny else "test"],
-            "loader_workers": 0,
-            "shuffle_buffer": 0,
-        },
-        "model": {"preset": "small", "num_classes": 10},
-        "optim": {"lr": 0.02, "schedule": "cosine"},
-        "train": {"epochs": 2, "batch_size": 32, "ten_crop_eval": False, "log_every_steps": 4},
-        "scaling": {"workers": 2, "devices": "cpu"},
-        "checkpoint": {"storage": storage, "every_steps": 3, "keep": 10},
-    }
-    for path, value in overrides.items():
-        section, _, key = path.partition("__")
-        data[section] = {**data[section], key: value} if key else value
-    return parse_spec(data)
+    train, val = (shards["tiny_train"], shards["tiny_test"]) if tiny else (shards["train"], shards["test"])
+    return cpu_spec(train, val, storage, **overrides)
 
 
 def load_weights(model_url: str) -> dict[str, torch.Tensor]:

@@ -1,0 +1,27 @@
+"""The small CPU job the training tests run, in one place: a spec dict with per-test overrides."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from alexnet_dist.spec import JobSpec, parse_spec
+
+
+def cpu_spec(train: str, val: str, storage: str, **overrides: Any) -> JobSpec:
+    """Two CPU workers, the small preset, no loader processes; ``section__key=value`` overrides one
+    field (``train__epochs=1``), ``section=value`` a whole section or top-level field."""
+    data: dict[str, Any] = {
+        "name": "t",
+        "seed": 7,
+        "retries": 0,
+        "data": {"train": train, "val": val, "loader_workers": 0, "shuffle_buffer": 0},
+        "model": {"preset": "small", "num_classes": 10},
+        "optim": {"lr": 0.02, "schedule": "cosine"},
+        "train": {"epochs": 2, "batch_size": 32, "ten_crop_eval": False, "log_every_steps": 4},
+        "scaling": {"workers": 2, "devices": "cpu"},
+        "checkpoint": {"storage": storage, "every_steps": 3, "keep": 10},
+    }
+    for path, value in overrides.items():
+        section, _, key = path.partition("__")
+        data[section] = {**data[section], key: value} if key else value
+    return parse_spec(data)
