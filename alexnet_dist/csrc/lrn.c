@@ -41,21 +41,32 @@ static void neg_pow(const float *s, float *out, int64_t n, float beta) {
     }
 }
 
+/* Where task `task` starts (offset of channel 0) and how many pixels it covers. */
+static int64_t task_span(const job_t *j, int64_t task, int64_t *len) {
+    const int64_t p0 = (task % j->blocks) * BLOCK;
+    *len = j->plane - p0 < BLOCK ? j->plane - p0 : BLOCK;
+    return (task / j->blocks) * j->channels * j->plane + p0;
+}
+
+/* Two per-thread buffers of a channels x BLOCK tile each; on failure, frees both and flags the job. */
+static int alloc_tiles(job_t *j, float **a, float **b) {
+    *a = malloc(sizeof(float) * (size_t)(j->channels * BLOCK));
+    *b = malloc(sizeof(float) * (size_t)(j->channels * BLOCK));
+    if (*a && *b) return 1;
+    free(*a);
+    free(*b);
+    j->status = 1;
+    return 0;
+}
+
 static void *forward_tasks(void *arg) {
     job_t *j = (job_t *)arg;
     const int64_t C = j->channels, P = j->plane;
-    float *sq = malloc(sizeof(float) * (size_t)(C * BLOCK));
-    float *pw = malloc(sizeof(float) * BLOCK);
-    if (!sq || !pw) {
-        free(sq);
-        free(pw);
-        j->status = 1;
-        return NULL;
-    }
+    float *sq, *pw;
+    if (!alloc_tiles(j, &sq, &pw)) return NULL;
     for (int64_t task = j->first; task < j->last; task++) {
-        const int64_t n = task / j->blocks, p0 = (task % j->blocks) * BLOCK;
-        const int64_t len = P - p0 < BLOCK ? P - p0 : BLOCK;
-        const int64_t base = n * C * P + p0;
+        int64_t len;
+        const int64_t base = task_span(j, task, &len);
         for (int64_t c = 0; c < C; c++) {
             const float *xc = j->x + base + c * P;
             float *q = sq + c * BLOCK;
@@ -90,18 +101,11 @@ static void *backward_tasks(void *arg) {
     job_t *j = (job_t *)arg;
     const int64_t C = j->channels, P = j->plane;
     const float factor = -2.0f * j->alpha * j->beta;
-    float *t = malloc(sizeof(float) * (size_t)(C * BLOCK));
-    float *pw = malloc(sizeof(float) * (size_t)(C * BLOCK));
-    if (!t || !pw) {
-        free(t);
-        free(pw);
-        j->status = 1;
-        return NULL;
-    }
+    float *t, *pw;
+    if (!alloc_tiles(j, &t, &pw)) return NULL;
     for (int64_t task = j->first; task < j->last; task++) {
-        const int64_t n = task / j->blocks, p0 = (task % j->blocks) * BLOCK;
-        const int64_t len = P - p0 < BLOCK ? P - p0 : BLOCK;
-        const int64_t base = n * C * P + p0;
+        int64_t len;
+        const int64_t base = task_span(j, task, &len);
         for (int64_t c = 0; c < C; c++) {
             const float *xc = j->x + base + c * P, *sc = j->s + base + c * P, *gc = j->g + base + c * P;
             float *p = pw + c * BLOCK, *tc = t + c * BLOCK;
