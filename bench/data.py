@@ -11,7 +11,13 @@ Same 256x256 JPEG files (Fashion-MNIST upscaled, RGB, quality 90) three ways, sa
 Also single-process decode cost per image: PIL, PIL with ``draft`` and ``torchvision.io.decode_jpeg``.
 Targets: shards >= 1.0x imagefolder, >= 0.85x ceiling, S3 >= 0.9x local.
 
-    .venv/bin/python bench/data.py [--images 2000] [--workers 2] [--batch 64]
+The loaders' rates are steady-state: counted from their first batch, as the ceiling's from warm processes
+(an ImageNet epoch is 1.28M images; starting the workers is noise there, 15% of a 4,000-image run). The
+whole-epoch rates, start included, are in ``epoch_images_per_s``. ``cpu_us_per_image`` is the CPU time
+(all processes of each side) per image: what the 2-core ratios are made of, and steadier than rates when
+other work shares the machine.
+
+    .venv/bin/python bench/data.py [--images 4000] [--workers 2] [--batch 64]
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import io
 import json
 import multiprocessing
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -29,6 +36,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -80,16 +88,39 @@ def write_shards(out: Path, jpegs: list[tuple[int, bytes]], per_shard: int, size
     )  # fmt: skip
 
 
-def rate_shards(m: Manifest, args, endpoint_url: str | None = None) -> float:
+def _cpu_s() -> float:
+    """CPU seconds of this process and its reaped children (loader and pool workers, once joined)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+@dataclass
+class Rate:
+    steady: float  # images/s from the first batch on
+    epoch: float  # images/s of the whole epoch, worker start included
+    cpu_us: float  # CPU us per image, every process of the side
+
+
+def time_batches(batches) -> Rate:
+    cpu0, start = _cpu_s(), time.perf_counter()
+    first, n, n_first = None, 0, 0
+    for size in batches:
+        n += size
+        if first is None:
+            first, n_first = time.perf_counter(), n
+    end = time.perf_counter()
+    del batches  # joins the loader's workers, so their CPU time is counted
+    steady = (n - n_first) / (end - first) if first is not None and n > n_first else 0.0
+    return Rate(steady, n / (end - start), (_cpu_s() - cpu0) / max(n, 1) * 1e6)
+
+
+def rate_shards(m: Manifest, args, endpoint_url: str | None = None) -> Rate:
     cfg = LoaderConfig(batch_size=args.batch, crop=args.crop, mode="train", seed=0, num_workers=args.workers)
     loader = make_loader(m, cfg, rank=0, world_size=1, endpoint_url=endpoint_url)
-    start, n = time.perf_counter(), 0
-    for batch in loader:
-        n += batch.images.shape[0]
-    return n / (time.perf_counter() - start)
+    return time_batches(batch.images.shape[0] for batch in loader)
 
 
-def rate_imagefolder(root: Path, args) -> float:
+def rate_imagefolder(root: Path, args) -> Rate:
     from torchvision import datasets, transforms
 
     tf = transforms.Compose(
@@ -99,10 +130,7 @@ def rate_imagefolder(root: Path, args) -> float:
         datasets.ImageFolder(str(root), transform=tf), batch_size=args.batch, shuffle=True,
         num_workers=args.workers, drop_last=True,
     )  # fmt: skip
-    start, n = time.perf_counter(), 0
-    for images, _ in loader:
-        n += images.shape[0]
-    return n / (time.perf_counter() - start)
+    return time_batches(images.shape[0] for images, _ in loader)
 
 
 _BLOBS: list[bytes] = []
@@ -115,15 +143,19 @@ def _decode_range(bounds: tuple[int, int]) -> int:
     return bounds[1] - bounds[0]
 
 
-def rate_ceiling(jpegs: list[tuple[int, bytes]], workers: int) -> float:
-    _BLOBS[:] = [d for _, d in jpegs]
+def rate_ceiling(jpegs: list[tuple[int, bytes]], workers: int) -> Rate:
+    """The same JPEG bytes, decoded by the pipeline's decode function in ``workers`` warm processes."""
+    _BLOBS[:] = [bytearray(d) for _, d in jpegs]  # as the loader reads them from a shard: no copy
     n, w = len(_BLOBS), max(1, workers)
     parts = [(i * n // w, (i + 1) * n // w) for i in range(w)]
-    with multiprocessing.get_context("fork").Pool(w) as pool:
-        pool.map(_decode_range, [(0, 8)] * w)  # warm the workers
-        start = time.perf_counter()
-        done = sum(pool.map(_decode_range, parts))
-        return done / (time.perf_counter() - start)
+    pool = multiprocessing.get_context("fork").Pool(w)
+    pool.map(_decode_range, [(0, 8)] * w)  # warm the workers
+    cpu0, start = _cpu_s(), time.perf_counter()
+    done = sum(pool.map(_decode_range, parts))
+    rate = done / (time.perf_counter() - start)
+    pool.close()
+    pool.join()  # reaped: their CPU time is counted (the 8-image warm-up too, 0.4% of it)
+    return Rate(rate, rate, (_cpu_s() - cpu0) / done * 1e6)
 
 
 def decode_costs(jpegs: list[tuple[int, bytes]], crop: int) -> dict[str, float]:
@@ -156,7 +188,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def rate_s3(m: Manifest, args) -> float:
+def _proc_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of a running process, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rate_s3(m: Manifest, args) -> tuple[Rate, float]:
+    """Our loader reading the shards from moto over HTTP; and moto's CPU us per image meanwhile."""
     port = free_port()
     env = {
         **os.environ,
@@ -183,9 +222,9 @@ def rate_s3(m: Manifest, args) -> float:
             url = f"s3://bench/{Path(s.url).name}"
             storage.write_bytes(url, Path(s.url).read_bytes(), endpoint_url=endpoint)
             shards.append(ShardInfo(url, s.count, s.bytes, s.sha256))
-        from dataclasses import replace
-
-        return rate_shards(replace(m, shards=tuple(shards)), args, endpoint)
+        moto_cpu = _proc_cpu_s(proc.pid)
+        rate = rate_shards(replace(m, shards=tuple(shards)), args, endpoint)
+        return rate, (_proc_cpu_s(proc.pid) - moto_cpu) / m.num_samples * 1e6
     finally:
         proc.terminate()
         proc.wait(10)
@@ -193,7 +232,7 @@ def rate_s3(m: Manifest, args) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--images", type=int, default=4000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--crop", type=int, default=227)
@@ -206,16 +245,26 @@ def main() -> None:
         write_imagefolder(tmp / "folder", jpegs)
         m = write_shards(tmp / "shards", jpegs, args.shard_size, args.size)
         rate_shards(m, args)  # warm the page cache and imports
-        figures = {
+        rates = {
             "shards": rate_shards(m, args),
             "imagefolder": rate_imagefolder(tmp / "folder", args),
             "ceiling": rate_ceiling(jpegs, args.workers),
-            "shards_s3": rate_s3(m, args),
         }
+        rates["shards_s3"], moto_us = rate_s3(m, args)
+        figures = {k: r.steady for k, r in rates.items()}
+        cpu = {k: r.cpu_us for k, r in rates.items()}
         report = {
             "images": args.images, "workers": args.workers, "batch": args.batch, "crop": args.crop,
             "jpeg_bytes_mean": int(np.mean([len(d) for _, d in jpegs])),
             "images_per_s": {k: round(v, 1) for k, v in figures.items()},
+            "epoch_images_per_s": {k: round(r.epoch, 1) for k, r in rates.items() if k != "ceiling"},
+            "cpu_us_per_image": {**{k: round(v, 1) for k, v in cpu.items()}, "moto": round(moto_us, 1)},
+            # per-image CPU efficiency (S3: moto's CPU counted): what the rate ratios come to on an idle
+            # machine, and steadier than they are when other work shares the 2 cores
+            "cpu_ratios": {
+                "shards_vs_ceiling": round(cpu["ceiling"] / cpu["shards"], 3),
+                "s3_vs_local": round(cpu["shards"] / (cpu["shards_s3"] + moto_us), 3),
+            },
             "ratios": {
                 "shards_vs_imagefolder": round(figures["shards"] / figures["imagefolder"], 3),
                 "shards_vs_ceiling": round(figures["shards"] / figures["ceiling"], 3),

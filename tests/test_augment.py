@@ -12,17 +12,17 @@ EIGVAL = (5000.0, 300.0, 80.0)  # (0-255)^2, of the order of ImageNet's
 EIGVEC = ((0.58, 0.58, 0.57), (-0.70, 0.01, 0.71), (0.41, -0.81, 0.41))
 
 
-def test_sample_rng_is_a_function_of_seed_epoch_key():
-    a = augment.sample_rng(1, 2, "k").standard_normal(4)
-    assert np.array_equal(a, augment.sample_rng(1, 2, "k").standard_normal(4))
-    assert not np.array_equal(a, augment.sample_rng(1, 3, "k").standard_normal(4))
-    assert not np.array_equal(a, augment.sample_rng(2, 2, "k").standard_normal(4))
-    assert not np.array_equal(a, augment.sample_rng(1, 2, "k2").standard_normal(4))
+def test_train_params_are_a_function_of_seed_epoch_key():
+    a = augment.train_params(1, 2, "k", 256, 256, 227)
+    assert a == augment.train_params(1, 2, "k", 256, 256, 227)
+    assert a != augment.train_params(1, 3, "k", 256, 256, 227)
+    assert a != augment.train_params(2, 2, "k", 256, 256, 227)
+    assert a != augment.train_params(1, 2, "k2", 256, 256, 227)
 
 
 def test_crop_positions_flip_rate_and_lighting_statistics():
     n, h, crop, sigma = 20000, 256, 227, 0.1
-    params = [augment.train_params(augment.sample_rng(0, 0, f"img{i}"), h, h, crop) for i in range(n)]
+    params = [augment.train_params(0, 0, f"img{i}", h, h, crop) for i in range(n)]
     tops = np.array([p[0] for p in params])
     lefts = np.array([p[1] for p in params])
     flips = np.array([p[2] for p in params])
@@ -32,7 +32,16 @@ def test_crop_positions_flip_rate_and_lighting_statistics():
     assert abs(tops.var() - 74.92) < 3
     assert abs(flips.mean() - 0.5) < 0.015  # 4.2 standard errors
     assert abs(np.corrcoef(tops, lefts)[0, 1]) < 0.03
-    offsets = np.stack([augment.lighting_offset(p[3], EIGVAL, EIGVEC, sigma) for p in params])
+    alphas = np.array([p[3] for p in params])
+    # the alphas are independent N(0, 1): moments, and the normal's tail (2.3% beyond 2 sigma)
+    assert np.abs(alphas.mean(0)).max() < 0.03 and np.abs(alphas.std(0) - 1).max() < 0.02
+    assert np.abs(np.corrcoef(alphas.T) - np.eye(3)).max() < 0.03
+    assert abs((alphas > 2).mean() - 0.02275) < 0.004
+    offsets = np.stack([augment.lighting_offset(a, EIGVAL, EIGVEC, sigma) for a in alphas])
+    # the loader's batched form gives the very same bits, whatever the batch
+    matrix = augment.lighting_matrix(EIGVAL, EIGVEC, sigma)
+    assert np.array_equal(augment.lighting_offsets(alphas, matrix), offsets)
+    assert np.array_equal(augment.lighting_offsets(alphas[5:8], matrix), offsets[5:8])
     # offset = P^T diag(sigma * lambda / 255) alpha  =>  cov = P^T diag((sigma * lambda / 255)^2) P
     p = np.array(EIGVEC)
     expected = p.T @ np.diag((sigma * np.array(EIGVAL) / 255) ** 2) @ p
@@ -46,6 +55,23 @@ def test_random_crop_flip_takes_the_named_patch():
     out = augment.random_crop_flip(img, 2, 1, False, 5)
     assert torch.equal(out, img[:, 2:7, 1:6])
     assert torch.equal(augment.random_crop_flip(img, 2, 1, True, 5), img[:, 2:7, 1:6].flip(-1))
+
+
+def test_write_view_writes_the_patch_in_hwc_from_any_layout():
+    chw = torch.randint(0, 256, (3, 12, 10), dtype=torch.uint8)
+    hwc_backed = chw.permute(1, 2, 0).contiguous().permute(2, 0, 1)  # what the JPEG decoder returns
+    for img in (chw, hwc_backed):
+        for flip in (False, True):
+            dst = torch.zeros(6, 6, 3, dtype=torch.uint8)
+            augment.write_view(dst, img, 4, 3, flip)
+            assert torch.equal(dst.permute(2, 0, 1), augment.random_crop_flip(chw, 4, 3, flip, 6))
+
+
+def test_write_ten_crop_matches_ten_crop():
+    img = torch.randint(0, 256, (3, 40, 36), dtype=torch.uint8)
+    dst = torch.empty(10, 32, 32, 3, dtype=torch.uint8)
+    augment.write_ten_crop(dst, img)
+    assert torch.equal(dst.permute(0, 3, 1, 2), augment.ten_crop(img, 32))
 
 
 def test_center_and_ten_crop_match_torchvision():
@@ -73,6 +99,10 @@ def test_normalize_formula_and_ten_crop_dims():
     ]
     assert out.dtype == torch.float32 and torch.allclose(out, expected)
     assert out.is_contiguous(memory_format=torch.channels_last)
+    # the loader's batches are HWC in memory; the result is laid out as asked, the values the same
+    hwc = x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    plain = augment.normalize(hwc, light, mean, std, device="cpu")
+    assert plain.is_contiguous() and torch.equal(plain, out)
     ten = torch.randint(0, 256, (2, 10, 3, 5, 5), dtype=torch.uint8)
     out10 = augment.normalize(ten, torch.zeros(2, 3), mean, std, device="cpu")
     assert out10.shape == (2, 10, 3, 5, 5)
@@ -89,3 +119,4 @@ def test_decode_image_gives_rgb_chw():
     img = augment.decode_image(buf.getvalue())
     assert img.shape == (3, 10, 20) and img.dtype == torch.uint8
     assert abs(int(img.float().mean()) - 200) <= 1
+    assert torch.equal(augment.decode_image(bytearray(buf.getvalue())), img)

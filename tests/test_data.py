@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import os
+import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -14,7 +17,7 @@ import webdataset as wds
 from test_shardwriter import build_fashion, rewrite_shard
 from test_storage import CuttingProxy
 
-from alexnet_dist import fashion_mnist, storage
+from alexnet_dist import data, fashion_mnist, storage
 from alexnet_dist.data import PAD_LABEL, LoaderConfig, make_loader, plan_epoch, round_robin_position
 from alexnet_dist.errors import DataError
 from alexnet_dist.manifest import Manifest, ShardInfo
@@ -231,3 +234,52 @@ def test_shards_written_by_webdataset_shardwriter_feed_the_pipeline(tmp_path):
     counts = Counter(b.images.shape[1:] for r in batches for b in r)
     assert set(counts) == {(3, 32, 32)}
     assert storage.exists(infos[0].url)
+
+
+def test_recycled_batch_buffers_never_change_a_batch_still_in_use(shards):
+    """Workers refill a shared batch buffer only once the consumer let go of every view of it."""
+    cfg = LoaderConfig(batch_size=10, crop=32, mode="train", seed=2, num_workers=2, shuffle_buffer=20)
+    reference = {
+        k: (b.images[i].clone(), b.lighting[i].clone(), int(b.labels[i]))
+        for b in list(make_loader(shards, cfg, rank=0, world_size=1))  # all held: no buffer reused
+        for i, k in enumerate(b.keys)
+    }
+    views, inodes = [], set()
+    for n, b in enumerate(make_loader(shards, cfg, rank=0, world_size=1)):
+        fd, _ = b.images.untyped_storage()._share_fd_cpu_()  # the shared buffer it came in
+        inodes.add(os.fstat(fd).st_ino)
+        if n % 8 == 0:  # keep views of a few batches, drop the rest
+            views.append((b.keys, b.images[1:], b.lighting, b.labels))
+        else:
+            for i, k in enumerate(b.keys):
+                img, light, label = reference[k]
+                assert torch.equal(b.images[i], img) and torch.equal(b.lighting[i], light)
+                assert int(b.labels[i]) == label
+    assert len(inodes) < 40 // 2  # 40 batches came in far fewer buffers: they were recycled
+    for keys, images, lighting, labels in views:
+        for i, k in enumerate(keys):
+            img, light, label = reference[k]
+            assert torch.equal(lighting[i], light) and int(labels[i]) == label
+            assert i == 0 or torch.equal(images[i - 1], img)
+
+
+@pytest.mark.parametrize("chunk", [512, 1300, 1 << 20])
+def test_tar_reader_matches_tarfile_across_read_boundaries(tmp_path, monkeypatch, chunk):
+    path = tmp_path / "t.tar"
+    rng = np.random.default_rng(0)
+    members = [("a/" + "x" * 120 + ".jpg", 3000), ("b.cls", 1), ("c.json", 0), ("d" * 30 + ".png", 700)]
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:  # GNU long names
+        for name, size in members:
+            info = tarfile.TarInfo(name)
+            info.size = size
+            tar.addfile(info, io.BytesIO(rng.bytes(size)))
+    monkeypatch.setattr(data, "_TAR_CHUNK", chunk)
+    with tarfile.open(path) as tar:
+        want = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with open(path, "rb") as f:
+        got = [(name, bytes(blob)) for name, blob in data._tar_members(f)]
+    assert got == want
+    with open(path, "rb") as f:  # cut inside a member: an error, not a short sample
+        cut = io.BytesIO(f.read()[: 512 * 3 + 1000])  # 1000 of the 3000 bytes of a/xxx.jpg
+    with pytest.raises(EOFError):
+        list(data._tar_members(cut))
