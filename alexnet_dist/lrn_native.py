@@ -84,8 +84,8 @@ def _load() -> ctypes.CDLL | None:
         _failed = True
         return None
     i64, i32, f32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
-    lib.lrn_forward.argtypes = [ptr, ptr, ptr, i64, i64, i64, i32, f32, f32, f32, i32, i32]
-    lib.lrn_backward.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i32, f32, f32, i32, i32]
+    lib.lrn_forward.argtypes = [ptr, ptr, i64, i64, i64, i32, f32, f32, f32, i32, i32]
+    lib.lrn_backward.argtypes = [ptr, ptr, ptr, i64, i64, i64, i32, f32, f32, f32, i32, i32]
     lib.lrn_forward.restype = lib.lrn_backward.restype = ctypes.c_int
     _lib = lib
     return lib
@@ -100,6 +100,10 @@ def supports(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and x.is_contiguous()
 
 
+def _threads() -> int:
+    return torch.get_num_threads()  # as many as torch's own ops use (1 in a 1-CPU Ray worker)
+
+
 class _ReluLRN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, size: int, alpha: float, beta: float, k: float, relu: bool):
@@ -107,23 +111,22 @@ class _ReluLRN(torch.autograd.Function):
         if lib is None or not supports(x):
             raise RuntimeError("relu_lrn: needs the compiled kernel and a float32 NCHW CPU tensor")
         n, c, h, w = x.shape
-        y, s = torch.empty_like(x), torch.empty_like(x)
-        pointers = (x.data_ptr(), y.data_ptr(), s.data_ptr())
-        if lib.lrn_forward(*pointers, n, c, h * w, size, alpha, beta, k, relu, torch.get_num_threads()):
+        y = torch.empty_like(x)
+        if lib.lrn_forward(x.data_ptr(), y.data_ptr(), n, c, h * w, size, alpha, beta, k, relu, _threads()):
             raise MemoryError("LRN kernel: could not allocate its work buffers")
-        ctx.save_for_backward(x, s)
-        ctx.args = (size, alpha, beta, relu)
+        ctx.save_for_backward(x)  # s is recomputed backward: cheaper than storing and reading it
+        ctx.args = (size, alpha, beta, k, relu)
         return y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, s = ctx.saved_tensors
-        size, alpha, beta, relu = ctx.args
+        (x,) = ctx.saved_tensors
+        size, alpha, beta, k, relu = ctx.args
         grad = grad.contiguous()
         dx = torch.empty_like(x)
         n, c, h, w = x.shape
-        pointers = (x.data_ptr(), s.data_ptr(), grad.data_ptr(), dx.data_ptr())
-        if _load().lrn_backward(*pointers, n, c, h * w, size, alpha, beta, relu, torch.get_num_threads()):
+        pointers = (x.data_ptr(), grad.data_ptr(), dx.data_ptr())
+        if _load().lrn_backward(*pointers, n, c, h * w, size, alpha, beta, k, relu, _threads()):
             raise MemoryError("LRN kernel: could not allocate its work buffers")
         return dx, None, None, None, None, None
 
