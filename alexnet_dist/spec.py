@@ -70,6 +70,9 @@ class TrainSpec(_Frozen):
     log_every_steps: int = Field(50, ge=1)
     max_steps_per_epoch: int | None = Field(None, ge=1)  # cap for smoke tests; None = whole epoch
     val_every_epochs: int = Field(1, ge=1)
+    # Not in the paper (0 = off): targets (1 - e) on the true class and e / classes elsewhere. Helps a
+    # small network on a short budget (jobs/fashion-mnist.toml); the train loss reported includes it.
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     # DDP gradient all-reduce in bf16 (torch's bf16_compress_hook): halves the traffic per step; pays
     # when the link, not the GPUs, bounds the step (see cluster/README.md).
     grad_compression: Literal["none", "bf16"] = "none"

@@ -96,6 +96,13 @@ def _step_seed(seed: int, global_step: int, rank: int) -> int:
     return (seed * 1_000_003 + global_step * 7919 + rank * 104_729) % (2**63)
 
 
+def training_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean cross-entropy over the real samples (PAD_LABEL rows pad a short stream: no loss, no gradient)."""
+    from alexnet_dist.data import PAD_LABEL
+
+    return F.cross_entropy(logits, labels, ignore_index=PAD_LABEL, label_smoothing=label_smoothing)
+
+
 def _seed_devices(seed: int, devices: tuple[torch.device, torch.device]) -> None:
     """Seed the generators dropout draws from on ``devices``. Not ``torch.manual_seed``: with CUDA built
     in but not started (CPU workers) it records a stack trace per call for a lazy CUDA seed, ~80 us."""
@@ -139,7 +146,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     from alexnet_dist.augment import normalize
-    from alexnet_dist.data import PAD_LABEL, LoaderConfig, make_loader
+    from alexnet_dist.data import LoaderConfig, make_loader
     from alexnet_dist.manifest import load_manifest
 
     spec = JobSpec.from_json(config["spec"])
@@ -296,7 +303,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             )
             y = batch.labels.to(d0, non_blocking=True)
             with autocast:
-                loss = F.cross_entropy(net(x), y, ignore_index=PAD_LABEL)
+                loss = training_loss(net(x), y, spec.train.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -12,12 +12,13 @@ import pytest
 import torch
 from jobspecs import cpu_spec
 
-from alexnet_dist.errors import ClusterError
+from alexnet_dist.data import PAD_LABEL
+from alexnet_dist.errors import ClusterError, ConfigError
 from alexnet_dist.model import build_model
 from alexnet_dist.settings import Settings
 from alexnet_dist.shardwriter import BuildOptions, build
 from alexnet_dist.spec import JobSpec
-from alexnet_dist.train import run_training
+from alexnet_dist.train import run_training, training_loss
 
 pytestmark = pytest.mark.slow
 
@@ -62,6 +63,21 @@ def shards(tmp_path_factory) -> dict[str, str]:
 def make_spec(shards: dict[str, str], storage: str, *, tiny: bool = True, **overrides) -> JobSpec:
     train, val = (shards["tiny_train"], shards["tiny_test"]) if tiny else (shards["train"], shards["test"])
     return cpu_spec(train, val, storage, **overrides)
+
+
+def test_training_loss_smooths_labels_and_ignores_padding() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(5, 10)
+    labels = torch.tensor([3, 1, PAD_LABEL, 9, 0])
+    real = labels != PAD_LABEL
+    logp = torch.log_softmax(logits[real], dim=1)
+    nll = -logp.gather(1, labels[real, None]).squeeze(1)
+    uniform = -logp.mean(dim=1)  # cross-entropy against 1/10 on every class
+    for e in (0.0, 0.1):
+        want = ((1 - e) * nll + e * uniform).mean()
+        torch.testing.assert_close(training_loss(logits, labels, e), want)
+    with pytest.raises(ConfigError, match="train.label_smoothing"):
+        make_spec({"tiny_train": "/a.json", "tiny_test": "/b.json"}, "/tmp/x", train__label_smoothing=1.0)
 
 
 def load_weights(model_url: str) -> dict[str, torch.Tensor]:
