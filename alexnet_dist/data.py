@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from alexnet_dist import augment, storage
+from alexnet_dist import augment, jpeg_native, storage
 from alexnet_dist.errors import ConfigError, DataError, StorageError
 from alexnet_dist.manifest import Manifest, ShardInfo
 
@@ -68,6 +68,9 @@ class LoaderConfig:
     max_batches: int | None = None  # cap on batches per epoch (smoke tests)
     drop_last: bool | None = None  # None: True for train, False for eval
     pin_memory: bool = False
+    # decode only a view's rows and columns of a JPEG, into its slot (jpeg_native); False: whole images
+    # through torchvision (the same pixels; the fallback where libjpeg's headers are missing)
+    direct_jpeg: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in ("train", "val", "ten_crop"):
@@ -388,6 +391,10 @@ class _Stream:
     pool: _BufferPool | None = None  # set in a loader worker
 
     @property
+    def direct_jpeg(self) -> bool:
+        return self.cfg.direct_jpeg and jpeg_native.available()
+
+    @property
     def light_matrix(self) -> np.ndarray:
         return augment.lighting_matrix(self.eigval, self.eigvec, self.cfg.pca_lighting)
 
@@ -439,27 +446,42 @@ class _Stream:
         yield from buf
 
     def _write(self, images: torch.Tensor, filled: _Filled, pending: list) -> None:
-        """Decode the pending records, then write their views into ``images`` [B, V, S, S, 3] after filled.
+        """Decode the pending records and write their views into ``images`` [B, V, S, S, 3] after filled.
 
-        All decodes first, then all copies: interleaving each decode with its 150 KB copy costs the decoder
+        A training or central-crop view of a JPEG big enough for it is decoded straight into its slot,
+        only its rows and columns (:mod:`alexnet_dist.jpeg_native`). Other images are decoded whole, all
+        decodes first, then all copies: interleaving each decode with its 150 KB copy costs the decoder
         ~15 us an image in cache misses (issue 3). A corrupt image is counted bad and skipped.
         """
-        crop, decoded = self.cfg.crop, []
+        crop, mode, decoded = self.cfg.crop, self.cfg.mode, []
+        direct = mode != "ten_crop" and self.direct_jpeg
         for url, key, label, data in pending:
             try:
+                if direct and jpeg_native.is_jpeg(data):
+                    h, w = jpeg_native.jpeg_size(data)
+                    if h >= crop and w >= crop:
+                        top, left, flip, alphas = self._position(key, h, w)
+                        jpeg_native.decode_crop_into(images[len(filled.keys), 0], data, top, left, flip)
+                        filled.add(key, label, alphas)
+                        continue
                 decoded.append((key, label, augment.fit_min_side(augment.decode_image(data), crop)))
             except Exception as err:  # a corrupt image: counted and skipped, never fatal by itself
                 self._bad(url, key, f"cannot decode: {type(err).__name__}: {str(err).splitlines()[0][:80]}")
         for key, label, img in decoded:
-            dst, (h, w), alphas = images[len(filled.keys)], img.shape[-2:], None
-            if self.cfg.mode == "train":
-                top, left, flip, alphas = augment.train_params(self.seed, self.epoch, key, h, w, crop)
-                augment.write_view(dst[0], img, top, left, flip)
-            elif self.cfg.mode == "val":
-                augment.write_view(dst[0], img, *augment.center_position(h, w, crop), False)
-            else:
+            dst, (h, w) = images[len(filled.keys)], img.shape[-2:]
+            if mode == "ten_crop":
                 augment.write_ten_crop(dst, img)
-            filled.add(key, label, alphas)
+                filled.add(key, label, None)
+            else:
+                top, left, flip, alphas = self._position(key, h, w)
+                augment.write_view(dst[0], img, top, left, flip)
+                filled.add(key, label, alphas)
+
+    def _position(self, key: str, h: int, w: int) -> tuple[int, int, bool, augment.Alphas | None]:
+        """Where a sample's view lies: random crop, flip and lighting (train), or the centre (val)."""
+        if self.cfg.mode == "train":
+            return augment.train_params(self.seed, self.epoch, key, h, w, self.cfg.crop)
+        return (*augment.center_position(h, w, self.cfg.crop), False, None)
 
     def _buffer(self, layout: _Layout) -> tuple[torch.Tensor, tuple[str, int, int] | None]:
         if self.pool is not None:

@@ -4,91 +4,30 @@ Why C and not torch ops: on the CPU the LRN is memory-bound, and a chain of torc
 memory per op (ReLU, square, the 1x1 band conv, pow, multiply; as many again backward). The kernel does
 each direction in one pass over its inputs and outputs (bench/model.py measures both).
 
-Why ctypes and not a torch C++ extension: the file includes no torch headers, so it compiles in well
-under a second with the system's C compiler and needs no ninja. It is built once per machine and kind of
-CPU (``-march=native``) into ``~/.cache/alexnet-dist`` (or ``$XDG_CACHE_HOME``), written to a temporary
-name and renamed, so Ray workers starting together never load a half-written library. Without a C
+Built on first use by :mod:`alexnet_dist.native` (``-ffast-math``: the square roots vectorise). Without a C
 compiler, :func:`available` is False and the model uses its torch formulation: slower, same numbers.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 
+from alexnet_dist import native
+
 __all__ = ["available", "relu_lrn"]
 
-log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "lrn.c"
-FLAGS = ("-O3", "-march=native", "-ffast-math", "-fPIC", "-shared", "-pthread")
-_lib: ctypes.CDLL | None = None
-_failed = False
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "flags")):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(root) / "alexnet-dist"
-
-
-def _build(compiler: str) -> Path:
-    digest = hashlib.sha256(
-        SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_model().encode() + platform.machine().encode()
-    ).hexdigest()[:16]
-    target = _cache_dir() / f"lrn-{digest}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+_i64, _i32, _f32, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+SIGNATURES: native.Signatures = {
+    "lrn_forward": ([_ptr, _ptr, _i64, _i64, _i64, _i32, _f32, _f32, _f32, _i32, _i32], _i32),
+    "lrn_backward": ([_ptr, _ptr, _ptr, _i64, _i64, _i64, _i32, _f32, _f32, _f32, _i32, _i32], _i32),
+}
 
 
 def _load() -> ctypes.CDLL | None:
-    global _lib, _failed
-    if _lib is not None or _failed:
-        return _lib
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    try:
-        if not compiler:
-            raise FileNotFoundError("no C compiler (cc/gcc) on PATH")
-        lib = ctypes.CDLL(str(_build(compiler)))  # CDLL releases the GIL during calls
-    except (OSError, subprocess.CalledProcessError) as err:
-        detail = err.stderr.decode(errors="replace")[-300:] if hasattr(err, "stderr") else err
-        log.warning("fused CPU LRN kernel unavailable (%s); using the torch formulation", detail)
-        _failed = True
-        return None
-    i64, i32, f32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
-    lib.lrn_forward.argtypes = [ptr, ptr, i64, i64, i64, i32, f32, f32, f32, i32, i32]
-    lib.lrn_backward.argtypes = [ptr, ptr, ptr, i64, i64, i64, i32, f32, f32, f32, i32, i32]
-    lib.lrn_forward.restype = lib.lrn_backward.restype = ctypes.c_int
-    _lib = lib
-    return lib
+    return native.load("lrn", SIGNATURES, extra_flags=("-ffast-math",), libs=("-lm",))
 
 
 def available() -> bool:

@@ -1,0 +1,80 @@
+"""Decoding only a view's crop of a JPEG (csrc/jpeg_crop.c): the same pixels as a whole decode, cropped."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from alexnet_dist import augment, jpeg_native
+from alexnet_dist.data import LoaderConfig, make_loader
+
+pytestmark = pytest.mark.skipif(not jpeg_native.available(), reason="no C compiler or libjpeg headers")
+
+
+def jpeg(h: int, w: int, *, seed: int, quality: int = 90, subsampling: int = 2, gray: bool = False) -> bytes:
+    rng = np.random.default_rng(seed)
+    # smooth gradients plus noise: every DCT frequency and the chroma upsampling get exercised
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([yy * 255 / h, xx * 255 / w, (yy + xx) * 127 / (h + w)], axis=-1) + rng.normal(
+        0, 25, (h, w, 3)
+    )
+    img = Image.fromarray(base.clip(0, 255).astype(np.uint8))
+    buf = io.BytesIO()
+    (img.convert("L") if gray else img).save(buf, format="JPEG", quality=quality, subsampling=subsampling)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(("h", "w", "subsampling", "gray"), [
+    (256, 256, 2, False),  # 4:2:0, the shards' PIL default
+    (256, 300, 1, False),  # 4:2:2, wider than tall
+    (241, 256, 0, False),  # 4:4:4, a height that is not a multiple of the iMCU
+    (256, 256, 2, True),  # grayscale comes out as RGB
+])  # fmt: skip
+def test_crop_equals_whole_decode_cropped(h: int, w: int, subsampling: int, gray: bool) -> None:
+    data = jpeg(h, w, seed=h + w, subsampling=subsampling, gray=gray)
+    assert jpeg_native.jpeg_size(data) == (h, w)
+    whole = augment.decode_image(data).permute(1, 2, 0)  # torchvision's decoder, HWC
+    rng = np.random.default_rng(0)
+    corners = [(0, 0), (h - 227, w - 227), (0, w - 227), (h - 227, 0)]
+    for top, left in corners + [
+        (int(rng.integers(0, h - 226)), int(rng.integers(0, w - 226))) for _ in range(6)
+    ]:
+        for flip in (False, True):
+            out = torch.empty(227, 227, 3, dtype=torch.uint8)
+            jpeg_native.decode_crop_into(out, bytearray(data) if flip else data, top, left, flip)
+            want = whole[top : top + 227, left : left + 227]
+            assert torch.equal(out, want.flip(1) if flip else want), (top, left, flip)
+
+
+def test_corrupt_truncated_and_out_of_range_are_errors() -> None:
+    data = jpeg(256, 256, seed=1)
+    out = torch.empty(227, 227, 3, dtype=torch.uint8)
+    for bad in (data[: len(data) // 2], data[:400], b"\xff\xd8\xff" + b"not a jpeg" * 30):
+        with pytest.raises(ValueError, match=r"\w"):
+            jpeg_native.decode_crop_into(out, bad, 0, 0, False)
+    with pytest.raises(ValueError, match="outside"):
+        jpeg_native.decode_crop_into(out, data, 30, 0, False)
+    with pytest.raises(ValueError):
+        jpeg_native.jpeg_size(b"\xff\xd8\xff\xe0 nothing else")
+    with pytest.raises(ValueError, match="contiguous uint8"):
+        jpeg_native.decode_crop_into(torch.empty(3, 227, 227, dtype=torch.uint8), data, 0, 0, False)
+
+
+@pytest.mark.parametrize("mode", ["train", "val"])
+def test_loader_batches_are_the_same_either_way(fashion_mnist_dir, tmp_path, mode: str) -> None:
+    from test_shardwriter import build_fashion
+
+    manifest = build_fashion(fashion_mnist_dir, tmp_path, limit=120, shard_size=40)
+    batches = {}
+    for direct in (True, False):
+        cfg = LoaderConfig(batch_size=16, crop=32, mode=mode, seed=3, num_workers=0, direct_jpeg=direct)
+        batches[direct] = list(make_loader(manifest, cfg, rank=0, world_size=1))
+    assert len(batches[True]) == len(batches[False]) > 0
+    for a, b in zip(batches[True], batches[False], strict=True):
+        assert a.keys == b.keys
+        assert torch.equal(a.images, b.images) and torch.equal(a.lighting, b.lighting)
+        assert torch.equal(a.labels, b.labels)
