@@ -28,9 +28,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # rsync: Ray's cluster launcher syncs files into the container with `rsync -e 'docker exec'`.
 # redis-server: lets the head of a small cluster run the job store itself (cluster/ray-aws.yaml).
 # tini: reaps the processes Ray spawns when the container's main process is a shell.
-# gcc, libc6-dev: build the fused CPU LRN kernel (alexnet_dist/csrc/lrn.c) on first use.
+# gcc, libc6-dev, libjpeg-dev: build the CPU kernels (alexnet_dist/csrc: ReLU+LRN, crop-only JPEG decode).
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends rsync redis-server tini gcc libc6-dev \
+    && apt-get install -y --no-install-recommends rsync redis-server tini gcc libc6-dev libjpeg-dev \
     && rm -rf /var/lib/apt/lists/*
 
 # Non-root user; uid 1000 and the name `ray` match Ray's own images, so Ray's docs' paths

@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-DEB_PACKAGES := redis-server dataset-fashion-mnist gcc libc6-dev
+DEB_PACKAGES := redis-server dataset-fashion-mnist gcc libc6-dev libjpeg-dev
 
 # demo knobs: `make demo EPOCHS=8`, `make demo S3=1` (a local S3 server instead of local folders)
 EPOCHS ?=
@@ -16,13 +16,15 @@ S3 ?= 0
 setup: system-packages $(VENV)/.installed
 
 # Debian packages the project needs: a Redis server, the real Fashion-MNIST data set, and a C compiler
-# for the fused CPU LRN kernel (alexnet_dist/csrc/lrn.c; without one the model falls back to torch ops).
+# and libjpeg's headers for the CPU kernels (alexnet_dist/csrc: fused ReLU+LRN, crop-only JPEG decode;
+# without them the model and loader fall back to torch ops, slower, same numbers).
 system-packages:
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	[ -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || missing="$$missing dataset-fashion-mnist"; \
 	$(PYTHON) -c 'import ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
 	command -v cc >/dev/null || missing="$$missing gcc libc6-dev"; \
+	[ -e /usr/include/jpeglib.h ] || missing="$$missing libjpeg-dev"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
