@@ -3,12 +3,14 @@
 Same 256x256 JPEG files (Fashion-MNIST upscaled, RGB, quality 90) three ways, same transforms (random
 227 crop + flip) and the same number of loader workers:
 
-- ``shards``: our ShardLoader over tar shards holding the very same JPEG bytes (local disk);
+- ``shards``: our ShardLoader over tar shards holding the very same JPEG bytes (local disk), decoding
+  only each view's crop into its batch slot (``jpeg_native``; ``shards_whole_decode``: whole images);
 - ``imagefolder``: torchvision ``ImageFolder`` + ``DataLoader`` over the files (PIL decode);
 - ``ceiling``: a bare decode loop over the JPEG bytes already in memory, in as many processes;
 - ``shards_s3``: our loader reading the shards from a local S3 server (moto, over HTTP).
 
-Also single-process decode cost per image: PIL, PIL with ``draft`` and ``torchvision.io.decode_jpeg``.
+Also single-process decode cost per image: PIL, PIL with ``draft``, ``torchvision.io.decode_jpeg`` (the
+ceiling's) and our crop-only decode (a mirrored 227 crop).
 Targets: shards >= 1.0x imagefolder, >= 0.85x ceiling, S3 >= 0.9x local.
 
 The loaders' rates are steady-state: counted from their first batch, as the ceiling's from warm processes
@@ -43,7 +45,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from alexnet_dist import augment, fashion_mnist, shardwriter, storage
+from alexnet_dist import augment, fashion_mnist, jpeg_native, shardwriter, storage
 from alexnet_dist.data import LoaderConfig, make_loader
 from alexnet_dist.manifest import Manifest, ShardInfo
 
@@ -114,8 +116,11 @@ def time_batches(batches) -> Rate:
     return Rate(steady, n / (end - start), (_cpu_s() - cpu0) / max(n, 1) * 1e6)
 
 
-def rate_shards(m: Manifest, args, endpoint_url: str | None = None) -> Rate:
-    cfg = LoaderConfig(batch_size=args.batch, crop=args.crop, mode="train", seed=0, num_workers=args.workers)
+def rate_shards(m: Manifest, args, endpoint_url: str | None = None, *, direct_jpeg: bool = True) -> Rate:
+    cfg = LoaderConfig(
+        batch_size=args.batch, crop=args.crop, mode="train", seed=0, num_workers=args.workers,
+        direct_jpeg=direct_jpeg,
+    )  # fmt: skip
     loader = make_loader(m, cfg, rank=0, world_size=1, endpoint_url=endpoint_url)
     return time_batches(batch.images.shape[0] for batch in loader)
 
@@ -175,11 +180,17 @@ def decode_costs(jpegs: list[tuple[int, bytes]], crop: int) -> dict[str, float]:
         img.draft("RGB", (crop, crop))  # only helps when the image is >= 2x the request
         img.convert("RGB").load()
 
-    return {
+    view = torch.empty(crop, crop, 3, dtype=torch.uint8)
+    costs = {
         "pil_us": round(per_image(pil), 1),
         "pil_draft_us": round(per_image(pil_draft), 1),
         "torchvision_decode_us": round(per_image(augment.decode_image), 1),
     }
+    if jpeg_native.available():  # the loader's path: only the crop's rows and columns, mirrored
+        costs["crop_decode_us"] = round(
+            per_image(lambda b: jpeg_native.decode_crop_into(view, b, 14, 15, True)), 1
+        )
+    return costs
 
 
 def free_port() -> int:
@@ -247,6 +258,7 @@ def main() -> None:
         rate_shards(m, args)  # warm the page cache and imports
         rates = {
             "shards": rate_shards(m, args),
+            "shards_whole_decode": rate_shards(m, args, direct_jpeg=False),
             "imagefolder": rate_imagefolder(tmp / "folder", args),
             "ceiling": rate_ceiling(jpegs, args.workers),
         }
@@ -263,11 +275,15 @@ def main() -> None:
             # machine, and steadier than they are when other work shares the 2 cores
             "cpu_ratios": {
                 "shards_vs_ceiling": round(cpu["ceiling"] / cpu["shards"], 3),
+                "shards_whole_decode_vs_ceiling": round(cpu["ceiling"] / cpu["shards_whole_decode"], 3),
                 "s3_vs_local": round(cpu["shards"] / (cpu["shards_s3"] + moto_us), 3),
             },
             "ratios": {
                 "shards_vs_imagefolder": round(figures["shards"] / figures["imagefolder"], 3),
                 "shards_vs_ceiling": round(figures["shards"] / figures["ceiling"], 3),
+                "shards_whole_decode_vs_ceiling": round(
+                    figures["shards_whole_decode"] / figures["ceiling"], 3
+                ),
                 "s3_vs_local": round(figures["shards_s3"] / figures["shards"], 3),
             },
             "targets": {"shards_vs_imagefolder": 1.0, "shards_vs_ceiling": 0.85, "s3_vs_local": 0.9},
