@@ -58,13 +58,18 @@ static void mirror_row(uint8_t *dst, const uint8_t *src, int n) {
     }
 }
 
+/* Errors and warnings longjmp to err->jump; the setjmp itself must be in the caller's frame. */
+static void strict_errors(struct jpeg_decompress_struct *cinfo, error_mgr_t *err) {
+    cinfo->err = jpeg_std_error(&err->pub);
+    err->pub.error_exit = fail;
+    err->pub.emit_message = warn_is_fail;
+}
+
 /* Reads the header: *h, *w of the image. 0 on success; else 1 and `message` says why. */
 int jpeg_size(const uint8_t *data, unsigned long len, int *h, int *w, char *message, int message_len) {
     struct jpeg_decompress_struct cinfo;
     error_mgr_t err;
-    cinfo.err = jpeg_std_error(&err.pub);
-    err.pub.error_exit = fail;
-    err.pub.emit_message = warn_is_fail;
+    strict_errors(&cinfo, &err);
     if (setjmp(err.jump)) {
         snprintf(message, (size_t)message_len, "%s", err.message);
         jpeg_destroy_decompress(&cinfo);
@@ -86,9 +91,7 @@ int jpeg_decode_crop(const uint8_t *data, unsigned long len, int top, int left, 
     struct jpeg_decompress_struct cinfo;
     error_mgr_t err;
     JSAMPLE *volatile row = NULL;
-    cinfo.err = jpeg_std_error(&err.pub);
-    err.pub.error_exit = fail;
-    err.pub.emit_message = warn_is_fail;
+    strict_errors(&cinfo, &err);
     if (setjmp(err.jump)) {
         snprintf(message, (size_t)message_len, "%s", err.message);
         jpeg_destroy_decompress(&cinfo);
