@@ -68,9 +68,10 @@ class LoaderConfig:
     max_batches: int | None = None  # cap on batches per epoch (smoke tests)
     drop_last: bool | None = None  # None: True for train, False for eval
     pin_memory: bool = False
-    # decode only a view's rows and columns of a JPEG, into its slot (jpeg_native); False: whole images
-    # through torchvision (the same pixels; the fallback where libjpeg's headers are missing)
-    direct_jpeg: bool = True
+    # True: decode only a view's rows and columns of a JPEG, into its slot (jpeg_native; same pixels).
+    # Off by default: built against Debian's libjpeg-turbo 2.1.5 it takes ~210 us for a 227 crop where
+    # torchvision's bundled libjpeg-turbo decodes the whole 256 px image in ~145 us (bench/data.py).
+    direct_jpeg: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in ("train", "val", "ten_crop"):
