@@ -69,8 +69,9 @@ class LoaderConfig:
     drop_last: bool | None = None  # None: True for train, False for eval
     pin_memory: bool = False
     # True: decode only a view's rows and columns of a JPEG, into its slot (jpeg_native; same pixels).
-    # Off by default: built against Debian's libjpeg-turbo 2.1.5 it takes ~210 us for a 227 crop where
-    # torchvision's bundled libjpeg-turbo decodes the whole 256 px image in ~145 us (bench/data.py).
+    # Off by default: built against Debian's libjpeg-turbo 2.1.5 a 227 crop takes ~124 us in some
+    # processes and ~215-250 us in others, where torchvision's bundled libjpeg-turbo decodes the whole
+    # 256 px image in a steady ~145 us (bench/data.py, decode_single_process).
     direct_jpeg: bool = False
 
     def __post_init__(self) -> None:
