@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alexnet_dist import lrn_native
+from alexnet_dist import lrn_native, maxpool_native
 from alexnet_dist.errors import ConfigError
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "AlexNet",
     "AlexNetConfig",
     "LocalResponseNorm",
+    "MaxPool2d",
     "build_model",
     "count_parameters",
     "local_response_norm",
@@ -241,6 +242,34 @@ class LocalResponseNorm(nn.Module):
         return f"size={self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}"
 
 
+class MaxPool2d(nn.MaxPool2d):
+    """Overlapping max-pooling (section 3.4); on the CPU through the C kernel of ``maxpool_native``.
+
+    torch's CPU kernel took ~30 ns an output, branching on every comparison: a sixth of the small
+    preset's training step and 34 ms of the paper network's at batch 32 for pool1 alone (the kernel: 4.5
+    ms). Same outputs and gradients bit for bit; tiny maps (pool5 of the small preset) stay with torch,
+    whose per-call cost is lower.
+    """
+
+    NATIVE_MIN_ELEMENTS = 32768
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k, s = self.kernel_size, self.stride
+        if (
+            isinstance(k, int)
+            and isinstance(s, int)
+            and self.padding == 0
+            and self.dilation == 1
+            and not self.ceil_mode
+            and not self.return_indices
+            and x.numel() >= self.NATIVE_MIN_ELEMENTS
+            and maxpool_native.supports(x, k, s)
+            and maxpool_native.available()
+        ):
+            return maxpool_native.max_pool(x, k, s)
+        return super().forward(x)
+
+
 # --------------------------------------------------------------------------------------------------
 # The towers
 
@@ -261,7 +290,7 @@ class Tower(nn.Module):
         self.fc6 = nn.Linear(2 * c5 * f * f, cfg.fc_units // 2)  # all of pool5, both towers
         self.fc7 = nn.Linear(cfg.fc_units, cfg.fc_units // 2)  # all of fc6, both towers
         self.lrn = LocalResponseNorm(cfg.lrn_size, cfg.lrn_alpha, cfg.lrn_beta, cfg.lrn_k)
-        self.pool = nn.MaxPool2d(cfg.pool_kernel, cfg.pool_stride)
+        self.pool = MaxPool2d(cfg.pool_kernel, cfg.pool_stride)
         self.dropout = nn.Dropout(cfg.dropout)
 
 

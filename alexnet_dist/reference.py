@@ -11,18 +11,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alexnet_dist.model import AlexNet, AlexNetConfig, local_response_norm, relu_lrn
+from alexnet_dist.model import AlexNet, AlexNetConfig, MaxPool2d, local_response_norm, relu_lrn
 
 # (tower layer, grouped?) for the five convolutions; fc layers are split by output rows.
 _CONVS = (("conv1", True), ("conv2", True), ("conv3", False), ("conv4", True), ("conv5", True))
 
 
 class GroupedAlexNet(nn.Module):
-    def __init__(self, num_classes: int, config: AlexNetConfig, *, fused_lrn: bool = False) -> None:
-        """``fused_lrn``: ReLU+LRN through the model's fused kernel (for benchmarks) rather than the
-        plain torch formulation (for tests: an independent yardstick)."""
+    def __init__(self, num_classes: int, config: AlexNetConfig, *, cpu_kernels: bool = False) -> None:
+        """``cpu_kernels``: ReLU+LRN and max-pooling through the model's own functions, its C kernels on the
+        CPU (for benchmarks: only the split into towers differs), rather than the plain torch formulation
+        and ``F.max_pool2d`` (for tests: an independent yardstick)."""
         super().__init__()
-        self.fused_lrn = fused_lrn
+        self.cpu_kernels = cpu_kernels
+        self.pool = MaxPool2d(config.pool_kernel, config.pool_stride) if cpu_kernels else None
         cfg = self.config = config
         ins = (cfg.in_channels, *cfg.channels[:4])
         self.convs = nn.ModuleList()
@@ -43,7 +45,7 @@ class GroupedAlexNet(nn.Module):
     def _relu_lrn(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         args = (cfg.lrn_size, cfg.lrn_alpha, cfg.lrn_beta, cfg.lrn_k)
-        lrn = relu_lrn if self.fused_lrn else lambda t, *a: local_response_norm(F.relu(t), *a)
+        lrn = relu_lrn if self.cpu_kernels else lambda t, *a: local_response_norm(F.relu(t), *a)
         if cfg.lrn_span == "all":
             return lrn(x, *args)
         a, b = x.chunk(2, dim=1)  # the window stays inside each group's maps
@@ -51,12 +53,12 @@ class GroupedAlexNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.config
-        pool = nn.functional.max_pool2d
+        pool = self.pool or (lambda t: F.max_pool2d(t, cfg.pool_kernel, cfg.pool_stride))
         c1, c2, c3, c4, c5 = self.convs
-        x = pool(self._relu_lrn(c1(x)), cfg.pool_kernel, cfg.pool_stride)
-        x = pool(self._relu_lrn(c2(x)), cfg.pool_kernel, cfg.pool_stride)
+        x = pool(self._relu_lrn(c1(x)))
+        x = pool(self._relu_lrn(c2(x)))
         x = F.relu(c5(F.relu(c4(F.relu(c3(x))))))
-        x = pool(x, cfg.pool_kernel, cfg.pool_stride).flatten(1)
+        x = pool(x).flatten(1)
         x = F.dropout(F.relu(self.fc6(x)), cfg.dropout, self.training)
         x = F.dropout(F.relu(self.fc7(x)), cfg.dropout, self.training)
         return self.fc8(x)

@@ -3,7 +3,8 @@
 One training step = forward + backward + SGD(momentum) step, batch 32 at 227 px, on the CPU. The models
 are timed in interleaved rounds (A, B, C, A, B, C, ...) so a busy machine slows all of them alike, and
 the median step time of each is reported. Also times ReLU+LRN alone: our fused CPU kernel, our torch-op
-formulation (GPUs, no C compiler) and torch.nn.LocalResponseNorm.
+formulation (GPUs, no C compiler) and torch.nn.LocalResponseNorm; and max-pooling alone: our C kernel
+against ``F.max_pool2d``.
 
 Prints one JSON object. Targets (issue 2): two-tower overhead <= 5% against the grouped single-module
 reference; >= 0.9x torchvision's AlexNet (0.71 GMACs a forward against our 0.72).
@@ -21,8 +22,8 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from alexnet_dist import lrn_native
-from alexnet_dist.model import build_model, local_response_norm, relu_lrn
+from alexnet_dist import lrn_native, maxpool_native
+from alexnet_dist.model import MaxPool2d, build_model, local_response_norm, relu_lrn
 from alexnet_dist.reference import GroupedAlexNet
 
 
@@ -58,6 +59,21 @@ def lrn_fn(kind: str, batch: int) -> Callable[[], None]:
     return run
 
 
+def pool_fn(kind: str, batch: int) -> Callable[[], None]:
+    """Max-pool 3x3 stride 2 on conv1's maps after ReLU (96x55x55), forward and backward, two ways."""
+    x = torch.randn(batch, 96, 55, 55).clamp_(min=0).requires_grad_()
+    g = torch.randn(batch, 96, 27, 27)
+    fns = {
+        "kernel": lambda: MaxPool2d(3, 2)(x),  # the C kernel where it builds
+        "torch": lambda: F.max_pool2d(x, 3, 2),
+    }
+
+    def run() -> None:
+        fns[kind]().backward(g)
+
+    return run
+
+
 def timed_rounds(fns: dict[str, Callable[[], None]], rounds: int, warmup: int) -> dict[str, float]:
     for fn in fns.values():
         for _ in range(warmup):
@@ -80,7 +96,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     ours = build_model("paper", num_classes=1000)
-    grouped = GroupedAlexNet(1000, ours.config, fused_lrn=True).copy_from(ours)
+    grouped = GroupedAlexNet(1000, ours.config, cpu_kernels=True).copy_from(ours)
     tv = torchvision.models.alexnet(num_classes=1000)
     t = timed_rounds(
         {
@@ -92,6 +108,7 @@ def main() -> None:
         warmup=1,
     )
     lrn = timed_rounds({k: lrn_fn(k, args.batch) for k in ("fused", "torch_ops", "torch")}, 5, 1)
+    pool = timed_rounds({k: pool_fn(k, args.batch) for k in ("kernel", "torch")}, 5, 1)
     ips = {k: args.batch / v for k, v in t.items()}
     result = {
         "benchmark": "model_train_step",
@@ -101,8 +118,10 @@ def main() -> None:
         "ratio_vs_torchvision": round(ips["two_tower"] / ips["torchvision"], 3),
         "two_tower_overhead_vs_grouped": round(ips["grouped_reference"] / ips["two_tower"] - 1, 3),
         "fused_lrn_kernel": lrn_native.available(),
+        "max_pool_kernel": maxpool_native.available(),
         "relu_lrn_conv1_fwd_bwd_s": {k: round(v, 4) for k, v in lrn.items()},
         "lrn_speedup_vs_torch": round(lrn["torch"] / lrn["fused"], 2),
+        "max_pool_conv1_fwd_bwd_s": {k: round(v, 4) for k, v in pool.items()},
         "targets": {"ratio_vs_torchvision": ">= 0.9", "two_tower_overhead_vs_grouped": "<= 0.05"},
     }
     print(json.dumps(result, indent=2))

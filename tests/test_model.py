@@ -11,12 +11,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from alexnet_dist import lrn_native
+from alexnet_dist import lrn_native, maxpool_native
 from alexnet_dist.errors import ConfigError
 from alexnet_dist.model import (
     PRESETS,
     AlexNet,
     AlexNetConfig,
+    MaxPool2d,
     build_model,
     count_parameters,
     local_response_norm,
@@ -152,6 +153,64 @@ def test_relu_lrn_takes_the_torch_path_for_what_the_kernel_does_not_take() -> No
     torch.testing.assert_close(relu_lrn(x, 5, 1e-3, 0.75, 2.0), plain_lrn(torch.relu(x), 5, 1e-3, 0.75, 2.0))
 
 
+@pytest.mark.skipif(not maxpool_native.available(), reason="no C compiler: the model uses torch's max-pool")
+@pytest.mark.parametrize(
+    ("shape", "kernel", "stride"),
+    [
+        ((4, 48, 55, 55), 3, 2),  # pool1 of the paper: 27x27 outputs, planes folded one at a time
+        ((64, 16, 16, 16), 3, 2),  # pool1 of the small preset: many small planes folded together
+        ((3, 5, 13, 13), 3, 2),  # pool5 of the paper: 6x6
+        ((2, 3, 8, 11), 2, 2),  # not square; z = s
+        ((2, 3, 9, 7), 3, 1),  # stride 1: windows overlap by two
+        ((1, 2, 20, 20), 5, 3),
+    ],
+)
+def test_max_pool_kernel_equals_torch_bit_for_bit(shape, kernel: int, stride: int) -> None:
+    torch.manual_seed(5)
+    # After ReLU half the inputs are zeros: ties must pick torch's element, or gradients land elsewhere
+    x = torch.randn(*shape).clamp_(min=0)
+    x[0, 0, 0, :3] = float("nan")  # NaN wins a window in torch; the last NaN scanned gets the gradient
+    x[-1, -1, 1, 1] = float("nan")
+    x[0, -1, 2:5, 2:5] = 0.5  # a window of equal values
+    xt, xn = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yt = torch.nn.functional.max_pool2d(xt, kernel, stride)
+    assert maxpool_native.supports(xn, kernel, stride)
+    yn = maxpool_native.max_pool(xn, kernel, stride)
+    g = torch.randn_like(yt)
+    yt.backward(g)
+    yn.backward(g)
+    assert yn.shape == yt.shape
+    assert torch.equal(yn.isnan(), yt.isnan()) and yt.isnan().any()
+    assert torch.equal(yn.nan_to_num(-1.0), yt.nan_to_num(-1.0))
+    assert torch.equal(xn.grad, xt.grad)  # every gradient to the same element, summed in the same order
+    threads = torch.get_num_threads()
+    try:  # the split over threads changes no number
+        torch.set_num_threads(1)
+        x1 = x.clone().requires_grad_()
+        y1 = maxpool_native.max_pool(x1, kernel, stride)
+        y1.backward(g)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(y1.nan_to_num(-1.0), yn.nan_to_num(-1.0)) and torch.equal(x1.grad, xn.grad)
+
+
+def test_max_pool_module_takes_the_torch_path_for_what_the_kernel_does_not_take() -> None:
+    pool = MaxPool2d(3, 2)
+    big = torch.randn(8, 16, 16, 16)
+    assert maxpool_native.supports(big, 3, 2) and big.numel() >= pool.NATIVE_MIN_ELEMENTS
+    for x in (
+        big.double(),  # float64
+        big.to(memory_format=torch.channels_last),  # not NCHW-contiguous
+        torch.randn(2, 4, 3, 3),  # tiny: torch's call costs less
+    ):
+        assert not (maxpool_native.supports(x, 3, 2) and x.numel() >= pool.NATIVE_MIN_ELEMENTS)
+        assert torch.equal(pool(x), torch.nn.functional.max_pool2d(x, 3, 2))
+    y = pool(big.requires_grad_())
+    native = maxpool_native.available()
+    assert type(y.grad_fn).__name__ == ("_MaxPoolBackward" if native else "MaxPool2DWithIndicesBackward0")
+    assert torch.equal(y, torch.nn.functional.max_pool2d(big, 3, 2))
+
+
 def test_lrn_matches_torch_with_alpha_scaled_by_n() -> None:
     # torch (like Caffe) divides alpha by n; the paper does not.
     x = torch.randn(4, 96, 9, 9) * 10
@@ -167,9 +226,9 @@ def test_towers_equal_grouped_reference(preset: str, span: str) -> None:
     towers = AlexNet(num_classes=10, config=cfg).eval()
     for p in towers.parameters():  # larger weights than N(0, 0.01), so every layer's output matters
         p.data.normal_(0, 0.05)
-    # The same ReLU+LRN function in both (tested against the formula above): with two roundings of it,
-    # max-pooling's near-ties break differently and move single gradients by 1e-3 of their scale.
-    ref = GroupedAlexNet(10, cfg, fused_lrn=True).copy_from(towers).eval()
+    # The same ReLU+LRN and max-pool functions in both (tested against the formula and torch above): with
+    # two roundings of LRN, max-pooling's near-ties break differently and move single gradients by 1e-3.
+    ref = GroupedAlexNet(10, cfg, cpu_kernels=True).copy_from(towers).eval()
     x = torch.randn(3, 3, cfg.image_size, cfg.image_size)
     out, out_ref = towers(x), ref(x)
     assert out.abs().max() > 1e-3
