@@ -35,21 +35,27 @@ _TAU = 2.0 * math.pi
 Alphas = tuple[float, float, float]
 
 
-def train_params(seed: int, epoch: int, key: str, h: int, w: int, crop: int) -> tuple[int, int, bool, Alphas]:
-    """(top, left, flip, alphas) of one training sample: a pure function of (seed, epoch, key).
+def train_draws(seed: int, epoch: int, key: str) -> tuple[int, int, bool, Alphas]:
+    """(top draw, left draw, flip, alphas) of one training sample: a pure function of (seed, epoch, key).
 
-    A uniform crop position, a fair coin and three N(0, 1) draws (Box-Muller), all read off one 64-byte
-    BLAKE2b digest: ~3 us a sample, where seeding a numpy Generator per sample cost ~16 us (issue 3's
-    decode-ceiling target leaves ~25 us a sample for everything that is not the JPEG decode).
+    Two 64-bit integers that place the crop (``draw % (side - crop + 1)``, see :func:`train_params`), a
+    fair coin and three N(0, 1) draws (Box-Muller), all read off one 64-byte BLAKE2b digest: ~3 us a
+    sample, where seeding a numpy Generator per sample cost ~16 us. The crop-only JPEG decoder takes the
+    draws as they are, since it learns the image's size only from the header it reads anyway.
     """
     d = hashlib.blake2b(f"{seed}:{epoch}:{key}".encode(), digest_size=64).digest()
-    top = int.from_bytes(d[0:8], "little") % (h - crop + 1)  # modulo bias < 2^-50
-    left = int.from_bytes(d[8:16], "little") % (w - crop + 1)
     flip = bool(d[16] & 1)
     u = [(int.from_bytes(d[i : i + 8], "little") >> 11) * _TO_UNIT for i in (24, 32, 40, 48)]  # [0, 1)
     r0, r1 = math.sqrt(-2.0 * math.log1p(-u[0])), math.sqrt(-2.0 * math.log1p(-u[2]))  # 1 - u in (0, 1]
     alphas = (r0 * math.cos(_TAU * u[1]), r0 * math.sin(_TAU * u[1]), r1 * math.cos(_TAU * u[3]))
-    return top, left, flip, alphas
+    return int.from_bytes(d[0:8], "little"), int.from_bytes(d[8:16], "little"), flip, alphas
+
+
+def train_params(seed: int, epoch: int, key: str, h: int, w: int, crop: int) -> tuple[int, int, bool, Alphas]:
+    """(top, left, flip, alphas) of one training sample of an ``h x w`` image: a uniform crop position
+    (modulo bias < 2^-50), a fair coin and the PCA lighting alphas (:func:`train_draws`)."""
+    top, left, flip, alphas = train_draws(seed, epoch, key)
+    return top % (h - crop + 1), left % (w - crop + 1), flip, alphas
 
 
 _RGB = tvio.ImageReadMode.RGB.value

@@ -69,10 +69,9 @@ class LoaderConfig:
     drop_last: bool | None = None  # None: True for train, False for eval
     pin_memory: bool = False
     # True: decode only a view's rows and columns of a JPEG, into its slot (jpeg_native; same pixels).
-    # Off by default: built against Debian's libjpeg-turbo 2.1.5 a 227 crop takes ~124 us in some
-    # processes and ~215-250 us in others, where torchvision's bundled libjpeg-turbo decodes the whole
-    # 256 px image in a steady ~145 us (bench/data.py, decode_single_process).
-    direct_jpeg: bool = False
+    # A mirrored 227 crop of a 256 px JPEG costs ~132 us, where a whole decode (~145 us) plus the crop/flip
+    # copy cost ~180 (bench/data.py).
+    direct_jpeg: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in ("train", "val", "ten_crop"):
@@ -460,12 +459,13 @@ class _Stream:
         for url, key, label, data in pending:
             try:
                 if direct and jpeg_native.is_jpeg(data):
-                    h, w = jpeg_native.jpeg_size(data)
-                    if h >= crop and w >= crop:
-                        top, left, flip, alphas = self._position(key, h, w)
-                        jpeg_native.decode_crop_into(images[len(filled.keys), 0], data, top, left, flip)
+                    draws, flip, alphas = None, False, None
+                    if mode == "train":
+                        top, left, flip, alphas = augment.train_draws(self.seed, self.epoch, key)
+                        draws = (top, left)
+                    if jpeg_native.decode_view_into(images[len(filled.keys), 0], data, draws, flip):
                         filled.add(key, label, alphas)
-                        continue
+                        continue  # else smaller than the crop: decoded whole and upscaled below
                 decoded.append((key, label, augment.fit_min_side(augment.decode_image(data), crop)))
             except Exception as err:  # a corrupt image: counted and skipped, never fatal by itself
                 self._bad(url, key, f"cannot decode: {type(err).__name__}: {str(err).splitlines()[0][:80]}")

@@ -64,14 +64,35 @@ def test_corrupt_truncated_and_out_of_range_are_errors() -> None:
         jpeg_native.decode_crop_into(torch.empty(3, 227, 227, dtype=torch.uint8), data, 0, 0, False)
 
 
-@pytest.mark.parametrize("mode", ["train", "val"])
-def test_loader_batches_are_the_same_either_way(fashion_mnist_dir, tmp_path, mode: str) -> None:
+def test_view_is_placed_by_the_samples_draws_with_one_call() -> None:
+    data = jpeg(256, 300, seed=7)
+    whole = augment.decode_image(data).permute(1, 2, 0)
+    out = torch.empty(227, 227, 3, dtype=torch.uint8)
+    for key in ("a", "b", "c", "d"):
+        top_draw, left_draw, flip, _ = augment.train_draws(5, 2, key)
+        top, left, flip2, _ = augment.train_params(5, 2, key, 256, 300, 227)
+        assert flip2 == flip and 0 <= top <= 29 and 0 <= left <= 73
+        assert jpeg_native.decode_view_into(out, data, (top_draw, left_draw), flip)
+        want = whole[top : top + 227, left : left + 227]
+        assert torch.equal(out, want.flip(1) if flip else want), key
+    assert jpeg_native.decode_view_into(out, data, None)  # the centre, unflipped
+    assert torch.equal(out, whole[14:241, 36:263])
+    small = torch.full((300, 300, 3), 7, dtype=torch.uint8)
+    assert not jpeg_native.decode_view_into(small, data, None)  # smaller than the view: nothing written
+    assert torch.all(small == 7)
+    with pytest.raises(ValueError, match=r"\w"):
+        jpeg_native.decode_view_into(out, data[:300], (1, 2), False)
+
+
+@pytest.mark.parametrize(("mode", "crop"), [("train", 32), ("val", 32), ("train", 40)])
+def test_loader_batches_are_the_same_either_way(fashion_mnist_dir, tmp_path, mode: str, crop: int) -> None:
     from test_shardwriter import build_fashion
 
     manifest = build_fashion(fashion_mnist_dir, tmp_path, limit=120, shard_size=40)
+    assert manifest.image_size < 40  # crop 40: every image is upscaled first (the whole-decode path)
     batches = {}
     for direct in (True, False):
-        cfg = LoaderConfig(batch_size=16, crop=32, mode=mode, seed=3, num_workers=0, direct_jpeg=direct)
+        cfg = LoaderConfig(batch_size=16, crop=crop, mode=mode, seed=3, num_workers=0, direct_jpeg=direct)
         batches[direct] = list(make_loader(manifest, cfg, rank=0, world_size=1))
     assert len(batches[True]) == len(batches[False]) > 0
     for a, b in zip(batches[True], batches[False], strict=True):

@@ -17,6 +17,8 @@
 
 #include <jpeglib.h>
 
+#define RING 8 /* row buffers the decoded rows rotate through */
+
 typedef struct {
     struct jpeg_error_mgr pub;
     jmp_buf jump;
@@ -84,6 +86,57 @@ int jpeg_size(const uint8_t *data, unsigned long len, int *h, int *w, char *mess
     return 0;
 }
 
+/* After jpeg_read_header: decodes rows [top, top+crop_h) x columns [left, left+crop_w) as RGB into out,
+ * mirrored when `flip`, and releases cinfo. 0 on success; else 1 and `message` says why. The caller's
+ * setjmp (in `err`) catches libjpeg's errors. */
+static int decode_rows(struct jpeg_decompress_struct *cinfo, int top, int left, int crop_h, int crop_w, int flip,
+                       uint8_t *out, char *message, int message_len, JSAMPLE *volatile *row) {
+    cinfo->out_color_space = JCS_RGB; /* grayscale JPEGs come out as RGB too */
+    jpeg_start_decompress(cinfo);
+    /* Two pixels of margin each side (one chroma sample at 2x subsampling): upsampling smooths across a
+     * decoded region's edge differently from across the image, so the crop's pixels must not lie on it. */
+    const int margin = 2, x0 = left > margin ? left - margin : 0;
+    const int x1 = left + crop_w + margin < (int)cinfo->output_width ? left + crop_w + margin : (int)cinfo->output_width;
+    JDIMENSION x = (JDIMENSION)x0, width = (JDIMENSION)(x1 - x0);
+    jpeg_crop_scanline(cinfo, &x, &width); /* x moves left to an iMCU boundary, width grows to match */
+    const size_t shift = ((size_t)left - x) * 3, bytes = (size_t)crop_w * 3;
+    /* Rows go through a ring of RING row buffers, not one: with a single buffer at a fixed address, the
+     * colour converter's stores into it and its loads from libjpeg's own buffers fell on the same 4 KB
+     * offsets in some processes (depending on where malloc put them), and the decode ran at ~225 us
+     * instead of ~120. Eight rows at a stride that is not a multiple of 4 KB: a steady ~132 us (issue 3). */
+    size_t stride = (size_t)cinfo->output_width * 3 + 16; /* + 16: mirror_row reads past the row */
+    if (stride % 4096 < 512 || stride % 4096 > 3584) stride += 1024; /* the rows must spread over 4 KB */
+    *row = malloc(stride * RING);
+    if (!*row) {
+        snprintf(message, (size_t)message_len, "out of memory");
+        jpeg_destroy_decompress(cinfo);
+        return 1;
+    }
+    if (top > 0 && jpeg_skip_scanlines(cinfo, (JDIMENSION)top) != (JDIMENSION)top) {
+        snprintf(message, (size_t)message_len, "image ends before row %d", top);
+        jpeg_destroy_decompress(cinfo);
+        return 1;
+    }
+    for (int r = 0; r < crop_h; r++) {
+        uint8_t *cur = *row + (size_t)(r % RING) * stride;
+        JSAMPROW rows[1] = {cur};
+        if (jpeg_read_scanlines(cinfo, rows, 1) != 1) {
+            snprintf(message, (size_t)message_len, "image ends at row %d", top + r);
+            jpeg_destroy_decompress(cinfo);
+            return 1;
+        }
+        uint8_t *dst = out + (size_t)r * bytes;
+        const uint8_t *src = cur + shift;
+        if (flip)
+            mirror_row(dst, src, crop_w);
+        else
+            memcpy(dst, src, bytes);
+    }
+    jpeg_abort_decompress(cinfo); /* the rows below the crop are never decoded */
+    jpeg_destroy_decompress(cinfo);
+    return 0;
+}
+
 /* Decodes rows [top, top+crop_h) x columns [left, left+crop_w) as RGB into out (HWC), mirrored left-right
  * when `flip`. 0 on success; else 1 and `message` says why (the crop must lie inside the image). */
 int jpeg_decode_crop(const uint8_t *data, unsigned long len, int top, int left, int crop_h, int crop_w, int flip,
@@ -108,44 +161,38 @@ int jpeg_decode_crop(const uint8_t *data, unsigned long len, int top, int left, 
         jpeg_destroy_decompress(&cinfo);
         return 1;
     }
-    cinfo.out_color_space = JCS_RGB; /* grayscale JPEGs come out as RGB too */
-    jpeg_start_decompress(&cinfo);
-    /* Two pixels of margin each side (one chroma sample at 2x subsampling): upsampling smooths across a
-     * decoded region's edge differently from across the image, so the crop's pixels must not lie on it. */
-    const int margin = 2, x0 = left > margin ? left - margin : 0;
-    const int x1 = left + crop_w + margin < (int)cinfo.output_width ? left + crop_w + margin : (int)cinfo.output_width;
-    JDIMENSION x = (JDIMENSION)x0, width = (JDIMENSION)(x1 - x0);
-    jpeg_crop_scanline(&cinfo, &x, &width); /* x moves left to an iMCU boundary, width grows to match */
-    const size_t shift = ((size_t)left - x) * 3, bytes = (size_t)crop_w * 3;
-    row = malloc((size_t)cinfo.output_width * 3 + 16); /* + 16: mirror_row reads past the last pixel */
-    if (!row) {
-        snprintf(message, (size_t)message_len, "out of memory");
-        jpeg_destroy_decompress(&cinfo);
-        return 1;
-    }
-    if (top > 0 && jpeg_skip_scanlines(&cinfo, (JDIMENSION)top) != (JDIMENSION)top) {
-        snprintf(message, (size_t)message_len, "image ends before row %d", top);
+    const int status = decode_rows(&cinfo, top, left, crop_h, crop_w, flip, out, message, message_len, &row);
+    free(row);
+    return status;
+}
+
+/* One loader view in one call (the header is read once): a crop x crop square at (draw_top mod (h-crop+1),
+ * draw_left mod (w-crop+1)), the same arithmetic as augment.train_params, or the centre when `center`;
+ * mirrored when `flip`. 0 on success; 2 when the image is smaller than the crop (nothing written: the
+ * caller decodes it whole and upscales); else 1 and `message` says why. */
+int jpeg_decode_view(const uint8_t *data, unsigned long len, int crop, int center, uint64_t draw_top,
+                     uint64_t draw_left, int flip, uint8_t *out, char *message, int message_len) {
+    struct jpeg_decompress_struct cinfo;
+    error_mgr_t err;
+    JSAMPLE *volatile row = NULL;
+    strict_errors(&cinfo, &err);
+    if (setjmp(err.jump)) {
+        snprintf(message, (size_t)message_len, "%s", err.message);
         jpeg_destroy_decompress(&cinfo);
         free(row);
         return 1;
     }
-    for (int r = 0; r < crop_h; r++) {
-        JSAMPROW rows[1] = {row};
-        if (jpeg_read_scanlines(&cinfo, rows, 1) != 1) {
-            snprintf(message, (size_t)message_len, "image ends at row %d", top + r);
-            jpeg_destroy_decompress(&cinfo);
-            free(row);
-            return 1;
-        }
-        uint8_t *dst = out + (size_t)r * bytes;
-        const uint8_t *src = row + shift;
-        if (flip)
-            mirror_row(dst, src, crop_w);
-        else
-            memcpy(dst, src, bytes);
+    jpeg_create_decompress(&cinfo);
+    jpeg_mem_src(&cinfo, data, len);
+    jpeg_read_header(&cinfo, TRUE);
+    const int h = (int)cinfo.image_height, w = (int)cinfo.image_width;
+    if (crop < 1 || h < crop || w < crop) {
+        jpeg_destroy_decompress(&cinfo);
+        return 2;
     }
-    jpeg_abort_decompress(&cinfo); /* the rows below the crop are never decoded */
-    jpeg_destroy_decompress(&cinfo);
+    const int top = center ? (h - crop) / 2 : (int)(draw_top % (uint64_t)(h - crop + 1));
+    const int left = center ? (w - crop) / 2 : (int)(draw_left % (uint64_t)(w - crop + 1));
+    const int status = decode_rows(&cinfo, top, left, crop, crop, flip, out, message, message_len, &row);
     free(row);
-    return 0;
+    return status;
 }
