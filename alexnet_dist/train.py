@@ -168,7 +168,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model = model.to(memory_format=torch.channels_last)
     net: torch.nn.Module = model
     if world > 1:
-        net = DistributedDataParallel(model, device_ids=None, output_device=None)
+        # On the CPU one bucket (a 25 MiB cap from the first): overlapping the all-reduce with backward buys
+        # nothing when both cores compute, and each gloo all-reduce costs ~1.7 ms however small (the small
+        # preset's 1.8 MB split in two took 10 ms a step of 37). Gradients live in the buckets: no copy.
+        net = DistributedDataParallel(
+            model,
+            device_ids=None,
+            output_device=None,
+            gradient_as_bucket_view=True,
+            bucket_cap_mb=None if on_gpu else 25,
+        )
         if spec.train.grad_compression == "bf16":
             from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
@@ -178,6 +187,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         lr=spec.optim.lr,
         momentum=spec.optim.momentum,
         weight_decay=spec.optim.weight_decay,
+        fused=True,  # one kernel over all parameters: 3x faster than the per-tensor loop on the CPU
     )
     crop = cfg.image_size
     per_worker = spec.per_worker_batch

@@ -57,7 +57,8 @@ def plain_loop(train_url: str, preset: str, batch: int, epochs: int) -> float:
     cfg = PRESETS[preset]
     torch.manual_seed(0)
     model = AlexNet(10, config=cfg)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    # the optimizer train.py uses (fused: one kernel over all parameters)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, fused=True)
     loader = make_loader(
         manifest,
         LoaderConfig(
