@@ -137,41 +137,17 @@ static int decode_rows(struct jpeg_decompress_struct *cinfo, int top, int left, 
     return 0;
 }
 
-/* Decodes rows [top, top+crop_h) x columns [left, left+crop_w) as RGB into out (HWC), mirrored left-right
- * when `flip`. 0 on success; else 1 and `message` says why (the crop must lie inside the image). */
-int jpeg_decode_crop(const uint8_t *data, unsigned long len, int top, int left, int crop_h, int crop_w, int flip,
-                     uint8_t *out, char *message, int message_len) {
-    struct jpeg_decompress_struct cinfo;
-    error_mgr_t err;
-    JSAMPLE *volatile row = NULL;
-    strict_errors(&cinfo, &err);
-    if (setjmp(err.jump)) {
-        snprintf(message, (size_t)message_len, "%s", err.message);
-        jpeg_destroy_decompress(&cinfo);
-        free(row);
-        return 1;
-    }
-    jpeg_create_decompress(&cinfo);
-    jpeg_mem_src(&cinfo, data, len);
-    jpeg_read_header(&cinfo, TRUE);
-    if (top < 0 || left < 0 || crop_h < 1 || crop_w < 1 || (JDIMENSION)(top + crop_h) > cinfo.image_height ||
-        (JDIMENSION)(left + crop_w) > cinfo.image_width) {
-        snprintf(message, (size_t)message_len, "crop %dx%d at (%d, %d) outside the %ux%u image", crop_h, crop_w,
-                 top, left, cinfo.image_height, cinfo.image_width);
-        jpeg_destroy_decompress(&cinfo);
-        return 1;
-    }
-    const int status = decode_rows(&cinfo, top, left, crop_h, crop_w, flip, out, message, message_len, &row);
-    free(row);
-    return status;
-}
+/* Where a view lies: given by the caller (`given`), or placed from the image's size once the header is read:
+ * the centre, or at (draw_top mod (h-crop_h+1), draw_left mod (w-crop_w+1)). */
+typedef struct {
+    int given, center, top, left, crop_h, crop_w, flip;
+    uint64_t draw_top, draw_left;
+} view_t;
 
-/* One loader view in one call (the header is read once): a crop x crop square at (draw_top mod (h-crop+1),
- * draw_left mod (w-crop+1)), the same arithmetic as augment.train_params, or the centre when `center`;
- * mirrored when `flip`. 0 on success; 2 when the image is smaller than the crop (nothing written: the
- * caller decodes it whole and upscales); else 1 and `message` says why. */
-int jpeg_decode_view(const uint8_t *data, unsigned long len, int crop, int center, uint64_t draw_top,
-                     uint64_t draw_left, int flip, uint8_t *out, char *message, int message_len) {
+/* Reads the header, places the view (0; 1 with `message` when a given crop lies outside the image; 2 when
+ * the image is smaller than a placed one) and decodes it into out. The one setjmp for both entry points. */
+static int decode_view(const uint8_t *data, unsigned long len, const view_t *v, uint8_t *out, char *message,
+                       int message_len) {
     struct jpeg_decompress_struct cinfo;
     error_mgr_t err;
     JSAMPLE *volatile row = NULL;
@@ -186,13 +162,44 @@ int jpeg_decode_view(const uint8_t *data, unsigned long len, int crop, int cente
     jpeg_mem_src(&cinfo, data, len);
     jpeg_read_header(&cinfo, TRUE);
     const int h = (int)cinfo.image_height, w = (int)cinfo.image_width;
-    if (crop < 1 || h < crop || w < crop) {
-        jpeg_destroy_decompress(&cinfo);
-        return 2;
+    int top = v->top, left = v->left;
+    if (v->given) {
+        if (top < 0 || left < 0 || v->crop_h < 1 || v->crop_w < 1 || top + v->crop_h > h ||
+            left + v->crop_w > w) {
+            snprintf(message, (size_t)message_len, "crop %dx%d at (%d, %d) outside the %dx%d image", v->crop_h,
+                     v->crop_w, top, left, h, w);
+            jpeg_destroy_decompress(&cinfo);
+            return 1;
+        }
+    } else {
+        if (v->crop_h < 1 || v->crop_w < 1 || h < v->crop_h || w < v->crop_w) {
+            jpeg_destroy_decompress(&cinfo);
+            return 2;
+        }
+        top = v->center ? (h - v->crop_h) / 2 : (int)(v->draw_top % (uint64_t)(h - v->crop_h + 1));
+        left = v->center ? (w - v->crop_w) / 2 : (int)(v->draw_left % (uint64_t)(w - v->crop_w + 1));
     }
-    const int top = center ? (h - crop) / 2 : (int)(draw_top % (uint64_t)(h - crop + 1));
-    const int left = center ? (w - crop) / 2 : (int)(draw_left % (uint64_t)(w - crop + 1));
-    const int status = decode_rows(&cinfo, top, left, crop, crop, flip, out, message, message_len, &row);
+    const int status =
+        decode_rows(&cinfo, top, left, v->crop_h, v->crop_w, v->flip, out, message, message_len, &row);
     free(row);
     return status;
+}
+
+/* Decodes rows [top, top+crop_h) x columns [left, left+crop_w) as RGB into out (HWC), mirrored left-right
+ * when `flip`. 0 on success; else 1 and `message` says why (the crop must lie inside the image). */
+int jpeg_decode_crop(const uint8_t *data, unsigned long len, int top, int left, int crop_h, int crop_w, int flip,
+                     uint8_t *out, char *message, int message_len) {
+    const view_t v = {.given = 1, .top = top, .left = left, .crop_h = crop_h, .crop_w = crop_w, .flip = flip};
+    return decode_view(data, len, &v, out, message, message_len);
+}
+
+/* One loader view in one call (the header is read once): a crop x crop square at (draw_top mod (h-crop+1),
+ * draw_left mod (w-crop+1)), the same arithmetic as augment.train_params, or the centre when `center`;
+ * mirrored when `flip`. 0 on success; 2 when the image is smaller than the crop (nothing written: the
+ * caller decodes it whole and upscales); else 1 and `message` says why. */
+int jpeg_decode_view(const uint8_t *data, unsigned long len, int crop, int center, uint64_t draw_top,
+                     uint64_t draw_left, int flip, uint8_t *out, char *message, int message_len) {
+    const view_t v = {.center = center, .crop_h = crop, .crop_w = crop, .flip = flip, .draw_top = draw_top,
+                      .draw_left = draw_left};
+    return decode_view(data, len, &v, out, message, message_len);
 }
