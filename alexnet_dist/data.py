@@ -94,6 +94,8 @@ class Batch:
     records: int = 0  # records that stream has consumed so far this epoch (bad ones included)
     bad: int = 0  # bad samples that stream has met so far this epoch
     slot: tuple[str, int, int] | None = None  # (pool, worker, slot) of a worker's recycled buffer
+    # a recycled buffer's (buffer, or None when the main process has it already; layout; samples)
+    source: tuple[torch.Tensor | None, _Layout, int] | None = field(default=None, repr=False, compare=False)
 
     def pin_memory(self) -> Batch:  # called by DataLoader(pin_memory=True)
         self.images, self.lighting, self.labels = (
@@ -102,11 +104,14 @@ class Batch:
         return self
 
     def __reduce__(self):  # from a loader worker: unpickled in the main process by _received_batch
-        fields = (self.images, self.lighting, self.labels, self.keys, self.stream, self.records, self.bad)
-        return _received_batch, (*fields, self.slot)
+        meta = (self.keys, self.stream, self.records, self.bad, self.slot)
+        if self.slot is not None and self.source is not None:
+            return _received_slot, (*meta, *self.source)  # the buffer itself only on its first trip
+        return _received_batch, (self.images, self.lighting, self.labels, *meta)
 
 
-_POOLS: dict[str, torch.Tensor] = {}  # main process: pool name -> slot flags [workers, POOL_SLOTS]
+# Main process: pool name -> (slot flags [workers, POOL_SLOTS], {(worker, slot): buffer}).
+_POOLS: dict[str, tuple[torch.Tensor, dict[tuple[int, int], torch.Tensor]]] = {}
 _pool_names = itertools.count()
 
 
@@ -115,15 +120,36 @@ def _release(flags: torch.Tensor, worker: int, slot: int) -> None:
 
 
 def _received_batch(*fields: Any) -> Batch:
-    """A batch arriving from a worker: once nothing here uses its buffer (views included), hand it back."""
-    batch = Batch(*fields)
-    flags = _POOLS.get(batch.slot[0]) if batch.slot is not None else None
-    if flags is not None:
-        # PyTorch keeps a storage's Python object alive as long as any tensor uses the storage, so this
-        # runs when the last view of the batch's memory is gone, not when `batch` is.
-        done = weakref.finalize(batch.images.untyped_storage(), _release, flags, *batch.slot[1:])
-        done.atexit = False
-    return batch
+    """A batch arriving from a worker with its own tensors (a buffer outside the pool): nothing to recycle."""
+    return Batch(*fields[:-1])
+
+
+def _received_slot(
+    keys: list[str], stream: int, records: int, bad: int, slot: tuple[str, int, int],
+    buf: torch.Tensor | None, layout: _Layout, n: int,
+) -> Batch:  # fmt: skip
+    """A batch in a worker's recycled buffer; once nothing here uses it (views included), hand it back.
+
+    The buffer travels once, on its first batch: torch passes a shared tensor as a file descriptor, which
+    costs a socket round trip to the worker and a fresh mapping whose pages fault in again (~1 ms a 10 MB
+    batch here, and the consumer's time is the training step's). Later batches in the slot name it only.
+    """
+    pool = _POOLS.get(slot[0])
+    if pool is None:  # the epoch's iterator is gone: nobody waits for this batch
+        return Batch(*_empty_views(layout, n), keys, stream, records, bad)
+    flags, buffers = pool
+    if buf is not None:
+        buffers[slot[1:]] = buf
+    # A fresh storage over the cached memory per batch: PyTorch keeps a storage's Python object alive as
+    # long as any tensor uses it, so the finalizer runs when the last view of this batch is gone.
+    mine = torch.from_numpy(buffers[slot[1:]].numpy())
+    done = weakref.finalize(mine.untyped_storage(), _release, flags, *slot[1:])
+    done.atexit = False
+    return Batch(*layout.views_of(mine, n), keys, stream, records, bad, slot)
+
+
+def _empty_views(layout: _Layout, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return layout.views_of(torch.zeros(layout.nbytes, dtype=torch.uint8), n)
 
 
 class _BufferPool:
@@ -133,12 +159,19 @@ class _BufferPool:
     handle, a private one is copied into a fresh shared buffer first. Fresh pages are what costs (allocated,
     zeroed, faulted in: ~4.5 ms per 10 MB batch on this VM), so the worker keeps POOL_SLOTS buffers; a
     flag per slot in memory shared with the main process says whether the main process still uses it
-    (1, set here when sent) or not (0, set by a finalizer there, see ``_received_batch``).
+    (1, set here when sent) or not (0, set by a finalizer there, see ``_received_slot``).
     """
 
     def __init__(self, name: str, flags: np.ndarray, worker: int) -> None:
         self.name, self.flags, self.worker = name, flags, worker  # flags: this worker's row
         self.buffers: list[torch.Tensor] = []
+        self.sent: set[int] = set()  # slots whose buffer the main process has (see ``_received_slot``)
+
+    def first_trip(self, slot: int) -> bool:
+        """True once per slot: the batch being sent from it carries the buffer itself."""
+        first = slot not in self.sent
+        self.sent.add(slot)
+        return first
 
     def take(self, nbytes: int) -> tuple[torch.Tensor, tuple[str, int, int] | None]:
         for slot, buf in enumerate(self.buffers):
@@ -184,6 +217,13 @@ class _Layout:
         lighting = buf[self.lighting_at : self.lighting_at + b * 12].view(torch.float32).view(b, 3)
         labels = buf[self.labels_at : self.labels_at + b * 8].view(torch.int64)
         return images, lighting, labels
+
+    def views_of(self, buf: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A batch's first ``n`` samples as it hands them out: images with NCHW shape over HWC memory
+        (channels-last strides; augment.normalize lays them out on the device), lighting, labels."""
+        images, lighting, labels = self.split(buf)
+        view = images[:n, 0].permute(0, 3, 1, 2) if self.views == 1 else images[:n].permute(0, 1, 4, 2, 3)
+        return view, lighting[:n], labels[:n]
 
 
 @dataclass(frozen=True)
@@ -501,17 +541,17 @@ class _Stream:
             light[:n] = augment.lighting_offsets(np.array(filled.alphas), self.light_matrix)
         lighting[:m] = torch.from_numpy(light)
         labels[:m] = torch.tensor(filled.labels + [PAD_LABEL] * (m - n), dtype=torch.int64)
-        # HWC memory, NCHW shape: channels-last strides (augment.normalize lays it out on the device)
-        view = images[:m, 0].permute(0, 3, 1, 2) if layout.views == 1 else images[:m].permute(0, 1, 4, 2, 3)
+        source = None
+        if slot is not None and self.pool is not None:
+            source = (buf if self.pool.first_trip(slot[2]) else None, layout, m)
         return Batch(
-            images=view,
-            lighting=lighting[:m],
-            labels=labels[:m],
+            *layout.views_of(buf, m),
             keys=filled.keys + [""] * (m - n),
             stream=self.plan.stream,
             records=self.records,
             bad=self.bad,
             slot=slot,
+            source=source,
         )
 
     def batches(self) -> Iterator[Batch]:
@@ -689,8 +729,9 @@ class ShardLoader:
             if self.cfg.num_workers == 0:
                 source: Any = _interleave([s.batches() for s in streams])
             else:
-                _POOLS[pool] = torch.zeros(len(streams), POOL_SLOTS, dtype=torch.uint8).share_memory_()
-                source = DataLoader(_EpochDataset(streams, pool, _POOLS[pool]), batch_size=None,
+                flags = torch.zeros(len(streams), POOL_SLOTS, dtype=torch.uint8).share_memory_()
+                _POOLS[pool] = (flags, {})
+                source = DataLoader(_EpochDataset(streams, pool, flags), batch_size=None,
                                     num_workers=len(streams), pin_memory=self.cfg.pin_memory)  # fmt: skip
             try:
                 for batch in source:
