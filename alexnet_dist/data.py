@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from alexnet_dist import augment, jpeg_native, storage
 from alexnet_dist.errors import ConfigError, DataError, StorageError
 from alexnet_dist.manifest import Manifest, ShardInfo
+from alexnet_dist.tarstream import iter_tar
 
 log = logging.getLogger(__name__)
 
@@ -305,97 +306,6 @@ def round_robin_position(quotas: list[int], consumed: int) -> tuple[list[int], i
     return done, w
 
 
-# --- reading shards ---------------------------------------------------------------------------------
-
-
-_TAR_CHUNK = 1 << 20  # bytes per read from the stream: headers are parsed out of big reads
-
-
-def _tar_members(stream) -> Iterator[tuple[str, bytearray]]:
-    """(name, data) of each regular file in a tar stream: ustar, GNU long names and pax paths.
-
-    A hand-rolled reader over 1 MB reads: ``tarfile`` spends ~90 us per header in Python, as much as decoding
-    a small JPEG, and three small ``read`` calls per member cost ~10 us more. Data come as ``bytearray``s,
-    which the decoder reads in place. A stream that ends inside a member raises EOFError; one that ends
-    between members just ends.
-    """
-    buf, pos = bytearray(), 0
-    long_name: str | None = None
-
-    def fill(n: int) -> bool:  # make buf[pos : pos + n] available; False at the end of the stream
-        nonlocal buf, pos
-        if len(buf) - pos >= n:
-            return True
-        skip = max(0, pos - len(buf))  # a member's padding that lies past what was read so far
-        del buf[:pos]
-        pos = skip
-        while len(buf) < pos + n:
-            more = stream.read(max(_TAR_CHUNK, pos + n - len(buf)))
-            if not more:
-                return False
-            buf += more
-        return True
-
-    while True:
-        if not fill(512):
-            return
-        header = bytes(buf[pos : pos + 512])
-        if header == _ZERO_BLOCK:
-            return
-        raw = header[124:136]
-        if raw[0] & 0x80:  # base-256 size (GNU, files over 8 GB)
-            size = int.from_bytes(raw[1:], "big")
-        else:
-            try:
-                size = int(raw.split(b"\0", 1)[0].strip() or b"0", 8)
-            except ValueError as err:
-                raise tarfile.ReadError(f"bad tar header size {raw!r}") from err
-        padded = size + (-size % 512)
-        if not fill(512 + size):
-            raise EOFError(f"tar ends inside a member ({len(buf) - pos - 512} of {size} bytes)")
-        data = buf[pos + 512 : pos + 512 + size]
-        pos += 512 + padded  # may pass the end of buf: fill skips the rest of the padding
-        kind = header[156:157]
-        if kind == b"L":  # GNU: the next member's long name
-            long_name = data.rstrip(b"\0").decode()
-            continue
-        if kind == b"x":  # pax: "len path=value\n" records
-            for rec in data.decode().split("\n"):
-                key, _, value = rec.partition(" ")[2].partition("=")
-                if key == "path":
-                    long_name = value
-            continue
-        if kind not in (b"0", b"\0", b"7"):
-            long_name = None
-            continue
-        name = long_name
-        if name is None:
-            name = header[:100].split(b"\0", 1)[0].decode()
-            if header[257:262] == b"ustar" and header[345] != 0:
-                name = header[345:500].split(b"\0", 1)[0].decode() + "/" + name
-        long_name = None
-        yield name, data
-
-
-_ZERO_BLOCK = bytes(512)
-
-
-def iter_tar(stream) -> Iterator[tuple[str, dict[str, bytearray]]]:
-    """(key, {extension: bytes}) per sample of a WebDataset tar stream (key = name up to the first dot)."""
-    key, files = None, {}
-    for name, data in _tar_members(stream):
-        dot = name.find(".", name.rfind("/") + 1)
-        if dot < 0:
-            continue
-        if name[:dot] != key:
-            if key is not None:
-                yield key, files
-            key, files = name[:dot], {}
-        files[name[dot + 1 :].lower()] = data
-    if key is not None:
-        yield key, files
-
-
 def check_record(files: Mapping[str, bytes | bytearray], num_classes: int) -> tuple[str | None, int, str]:
     """(image extension, label, problem): a problem is "" for a good record."""
     ext = next((e for e in IMAGE_EXTS if e in files), None)
@@ -490,22 +400,36 @@ class _Stream:
         """Decode the pending records and write their views into ``images`` [B, V, S, S, 3] after filled.
 
         A training or central-crop view of a JPEG big enough for it is decoded straight into its slot,
-        only its rows and columns (:mod:`alexnet_dist.jpeg_native`). Other images are decoded whole, all
+        only its rows and columns, all of them in one call (:mod:`alexnet_dist.jpeg_native`). Other images
+        (not JPEG, smaller than the view, or any when the kernel is missing) are decoded whole, all
         decodes first, then all copies: interleaving each decode with its 150 KB copy costs the decoder
         ~15 us an image in cache misses (issue 3). A corrupt image is counted bad and skipped.
         """
-        crop, mode, decoded = self.cfg.crop, self.cfg.mode, []
-        direct = mode != "ten_crop" and self.direct_jpeg
-        for url, key, label, data in pending:
+        crop, mode, decoded, whole = self.cfg.crop, self.cfg.mode, [], pending
+        if mode != "ten_crop" and self.direct_jpeg:
+            jpegs = [r for r in pending if jpeg_native.is_jpeg(r[3])]
+            later = {id(r) for r in pending} - {id(r) for r in jpegs}  # decoded whole, in pending's order
+            draws = flips = alphas = None
+            if mode == "train":
+                draws, flips, alphas = [], [], []
+                for r in jpegs:
+                    top, left, flip, alpha = augment.train_draws(self.seed, self.epoch, r[1])
+                    draws.append((top, left))
+                    flips.append(flip)
+                    alphas.append(alpha)
+            codes, messages = jpeg_native.decode_views_into(
+                images[len(filled.keys) :, 0], [r[3] for r in jpegs], draws, flips
+            )
+            for i, ((url, key, label, _), code) in enumerate(zip(jpegs, codes, strict=True)):
+                if code == 0:
+                    filled.add(key, label, alphas[i] if alphas is not None else None)
+                elif code == 1:
+                    self._bad(url, key, f"cannot decode: ValueError: {messages[i].splitlines()[0][:80]}")
+                else:  # smaller than the crop: decoded whole and upscaled below, after the others
+                    later.add(id(jpegs[i]))
+            whole = [r for r in pending if id(r) in later] if later else []
+        for url, key, label, data in whole:
             try:
-                if direct and jpeg_native.is_jpeg(data):
-                    draws, flip, alphas = None, False, None
-                    if mode == "train":
-                        top, left, flip, alphas = augment.train_draws(self.seed, self.epoch, key)
-                        draws = (top, left)
-                    if jpeg_native.decode_view_into(images[len(filled.keys), 0], data, draws, flip):
-                        filled.add(key, label, alphas)
-                        continue  # else smaller than the crop: decoded whole and upscaled below
                 decoded.append((key, label, augment.fit_min_side(augment.decode_image(data), crop)))
             except Exception as err:  # a corrupt image: counted and skipped, never fatal by itself
                 self._bad(url, key, f"cannot decode: {type(err).__name__}: {str(err).splitlines()[0][:80]}")

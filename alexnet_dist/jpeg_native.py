@@ -17,23 +17,29 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from alexnet_dist import native
 
-__all__ = ["available", "decode_crop_into", "decode_view_into", "is_jpeg", "jpeg_size"]
+__all__ = ["available", "decode_crop_into", "decode_view_into", "decode_views_into", "is_jpeg", "jpeg_size"]
 
 log = logging.getLogger(__name__)
 
-_i32, _u64, _ulong = ctypes.c_int, ctypes.c_uint64, ctypes.c_ulong
+_i32, _i64, _u64, _ulong = ctypes.c_int, ctypes.c_int64, ctypes.c_uint64, ctypes.c_ulong
 _ptr, _str = ctypes.c_void_p, ctypes.c_char_p
 _ip = ctypes.POINTER(ctypes.c_int)
 SIGNATURES: native.Signatures = {
     "jpeg_size": ([_ptr, _ulong, _ip, _ip, _str, _i32], _i32),
     "jpeg_decode_crop": ([_ptr, _ulong, _i32, _i32, _i32, _i32, _i32, _ptr, _str, _i32], _i32),
     "jpeg_decode_view": ([_ptr, _ulong, _i32, _i32, _u64, _u64, _i32, _ptr, _str, _i32], _i32),
+    "jpeg_decode_views": (
+        [_i32, _ptr, _ptr, _ptr, _i32, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _i32],
+        _i32,
+    ),
 }
 _MESSAGE = 200
 
@@ -126,3 +132,46 @@ def decode_view_into(
     if status == 1:
         raise ValueError(message.value.decode(errors="replace") or "corrupt JPEG")
     return status == 0
+
+
+def decode_views_into(
+    dst: torch.Tensor, datas: Sequence[bytes | bytearray], draws: Sequence[tuple[int, int]] | None,
+    flips: Sequence[bool] | None = None,
+) -> tuple[list[int], list[str]]:  # fmt: skip
+    """:func:`decode_view_into` for many JPEGs in one call: the views that decode fill ``dst`` [N, S, S, 3]
+    from its first slot, in order. Per JPEG: status 0 (written), 1 (corrupt: its libjpeg message) or 2
+    (smaller than the view: nothing written), and the message ("" unless 1). One call per batch saves the
+    ~5 us a call of Python and ctypes per image (issue 3)."""
+    n = len(datas)
+    if dst.dim() != 4 or not dst.is_contiguous() or dst.shape[0] < n:
+        raise ValueError(
+            f"decode_views_into: wants a contiguous [>= {n}, S, S, 3] tensor, not {tuple(dst.shape)}"
+        )
+    _check_slot(dst[0])
+    crop = dst.shape[1]
+    if dst.shape[2] != crop:
+        raise ValueError(f"decode_views_into: the views must be square, not {tuple(dst.shape[1:])}")
+    if n == 0:
+        return [], []
+    lens = np.fromiter(map(len, datas), np.int64, n)
+    offsets = np.zeros(n, np.int64)
+    np.cumsum(lens[:-1], out=offsets[1:])
+    blob = b"".join(datas)  # ~400 KB a batch of 256 px JPEGs: ~30 us, <1 us an image
+    draw_array = np.asarray(draws, np.uint64).reshape(n, 2) if draws is not None else None
+    flip_array = np.asarray(flips, np.uint8).reshape(n) if flips is not None else None
+    status = np.zeros(n, np.int32)
+    messages = ctypes.create_string_buffer(n * _MESSAGE)
+    _load().jpeg_decode_views(
+        n, blob, offsets.ctypes.data, lens.ctypes.data, crop,
+        None if draw_array is None else draw_array.ctypes.data,
+        None if flip_array is None else flip_array.ctypes.data,
+        dst.data_ptr(), crop * crop * 3, status.ctypes.data, messages, _MESSAGE,
+    )  # fmt: skip
+    codes = status.tolist()
+    raw = messages.raw
+    texts = [
+        raw[i * _MESSAGE : (i + 1) * _MESSAGE].split(b"\0", 1)[0].decode(errors="replace") or "corrupt JPEG"
+        if code == 1 else ""
+        for i, code in enumerate(codes)
+    ]  # fmt: skip
+    return codes, texts

@@ -16,7 +16,7 @@ import webdataset as wds
 from test_shardwriter import build_fashion, rewrite_shard
 from test_storage import CuttingProxy
 
-from alexnet_dist import data, fashion_mnist, storage
+from alexnet_dist import fashion_mnist, native, storage, tarstream
 from alexnet_dist.data import (
     PAD_LABEL,
     POOL_SLOTS,
@@ -268,23 +268,42 @@ def test_recycled_batch_buffers_never_change_a_batch_still_in_use(shards):
             assert i == 0 or torch.equal(images[i - 1], img)
 
 
+TAR_READERS = {
+    "native": lambda f: tarstream.members_native(f, native.load("tar_index", tarstream.SIGNATURES)),
+    "python": tarstream.members_py,
+}
+
+
+@pytest.mark.parametrize("reader", sorted(TAR_READERS))
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT])
 @pytest.mark.parametrize("chunk", [512, 1300, 1 << 20])
-def test_tar_reader_matches_tarfile_across_read_boundaries(tmp_path, monkeypatch, chunk):
+def test_tar_reader_matches_tarfile_across_read_boundaries(tmp_path, monkeypatch, chunk, fmt, reader):
+    """Long names (GNU "L" members, pax paths, ustar prefixes), empty members, members bigger than a read;
+    a cut inside a member and a bad size field are errors, not short samples."""
+    if reader == "native" and native.load("tar_index", tarstream.SIGNATURES) is None:
+        pytest.skip("no C compiler here")
     path = tmp_path / "t.tar"
     rng = np.random.default_rng(0)
-    members = [("a/" + "x" * 120 + ".jpg", 3000), ("b.cls", 1), ("c.json", 0), ("d" * 30 + ".png", 700)]
-    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:  # GNU long names
+    long = "a/" + "x" * 120 + ".jpg" if fmt != tarfile.USTAR_FORMAT else "p" * 90 + "/" + "x" * 90 + ".jpg"
+    members = [(long, 3000), ("b.cls", 1), ("c.json", 0), ("d" * 30 + ".png", 700), ("e.bin", 5000)]
+    with tarfile.open(path, "w", format=fmt) as tar:
         for name, size in members:
             info = tarfile.TarInfo(name)
             info.size = size
             tar.addfile(info, io.BytesIO(rng.bytes(size)))
-    monkeypatch.setattr(data, "_TAR_CHUNK", chunk)
+    monkeypatch.setattr(tarstream, "_TAR_CHUNK", chunk)
     with tarfile.open(path) as tar:
         want = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    assert [n for n, _ in want] == [n for n, _ in members]
     with open(path, "rb") as f:
-        got = [(name, bytes(blob)) for name, blob in data._tar_members(f)]
+        got = [(name, bytes(blob)) for name, blob in TAR_READERS[reader](f)]
     assert got == want
-    with open(path, "rb") as f:  # cut inside a member: an error, not a short sample
-        cut = io.BytesIO(f.read()[: 512 * 3 + 1000])  # 1000 of the 3000 bytes of a/xxx.jpg
+    whole = path.read_bytes()
+    cut = io.BytesIO(whole[: whole.rindex(b"e.bin") + 512 + 1000])  # 1000 of the 5000 bytes of e.bin
     with pytest.raises(EOFError):
-        list(data._tar_members(cut))
+        list(TAR_READERS[reader](cut))
+    bad = bytearray(whole)
+    header = whole.rindex(b"b.cls")  # its own header (pax: after the extended one)
+    bad[header + 124 : header + 136] = b"12x4567\0\0\0\0\0"  # its size field: not octal
+    with pytest.raises(tarfile.ReadError):
+        list(TAR_READERS[reader](io.BytesIO(bytes(bad))))

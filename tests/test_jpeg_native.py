@@ -84,6 +84,30 @@ def test_view_is_placed_by_the_samples_draws_with_one_call() -> None:
         jpeg_native.decode_view_into(out, data[:300], (1, 2), False)
 
 
+def test_a_batch_of_views_in_one_call_skips_the_bad_and_the_small() -> None:
+    """decode_views_into: the good views fill consecutive slots, each as one decode_view_into call puts
+    it; a corrupt JPEG gets status 1 and its message, one smaller than the view status 2, neither a slot."""
+    datas = [jpeg(256, 256 + 8 * i, seed=20 + i) for i in range(5)]
+    datas[1] = datas[1][:500]  # truncated
+    datas[3] = jpeg(200, 200, seed=3)  # smaller than 227
+    draws = [(2**63 + 12345 * i, 987654321 * i) for i in range(5)]
+    flips = [i % 2 == 0 for i in range(5)]
+    out = torch.full((6, 227, 227, 3), 7, dtype=torch.uint8)
+    codes, messages = jpeg_native.decode_views_into(out, [bytearray(d) for d in datas], draws, flips)
+    assert codes == [0, 1, 0, 2, 0]
+    assert messages[1] and not any(messages[i] for i in (0, 2, 3, 4))
+    one = torch.empty(227, 227, 3, dtype=torch.uint8)
+    for slot, i in enumerate((0, 2, 4)):
+        assert jpeg_native.decode_view_into(one, datas[i], draws[i], flips[i])
+        assert torch.equal(out[slot], one), i
+    assert torch.all(out[3:] == 7)  # nothing written past the three good views
+    codes, _ = jpeg_native.decode_views_into(out, [datas[0], datas[2]], None)  # centre views
+    assert codes == [0, 0] and jpeg_native.decode_view_into(one, datas[2], None)
+    assert torch.equal(out[1], one)
+    with pytest.raises(ValueError, match="contiguous"):
+        jpeg_native.decode_views_into(out[:1], datas[:2], None)  # fewer slots than images
+
+
 @pytest.mark.parametrize(("mode", "crop"), [("train", 32), ("val", 32), ("train", 40)])
 def test_loader_batches_are_the_same_either_way(fashion_mnist_dir, tmp_path, mode: str, crop: int) -> None:
     from test_shardwriter import build_fashion
