@@ -14,9 +14,9 @@ Also single-process decode cost per image: PIL, PIL with ``draft``, ``torchvisio
 ceiling's) and our crop-only decode (a mirrored 227 crop).
 Targets: shards >= 1.0x imagefolder, >= 0.85x ceiling, S3 >= 0.9x local.
 
-The loaders' rates are steady-state: counted from their first batch, as the ceiling's from warm processes
-(an ImageNet epoch is 1.28M images; starting the workers is noise there, 15% of a 4,000-image run). The
-whole-epoch rates, start included, are in ``epoch_images_per_s``. ``cpu_us_per_image`` is the CPU time
+The loaders' rates are steady-state: counted from their first batch to their last, as the ceiling's in warm
+processes (an ImageNet epoch is 1.28M images; starting and stopping the workers is noise there, ~25% of a
+4,000-image run here). The whole-epoch rates, start and shutdown included, are in ``epoch_images_per_s``. ``cpu_us_per_image`` is the CPU time
 (all processes of each side) per image: what the 2-core ratios are made of, and steadier than rates when
 other work shares the machine.
 
@@ -106,14 +106,15 @@ class Rate:
 
 def time_batches(batches) -> Rate:
     cpu0, start = _cpu_s(), time.perf_counter()
-    first, n, n_first = None, 0, 0
+    first, last, n, n_first = None, None, 0, 0
     for size in batches:
         n += size
+        last = time.perf_counter()
         if first is None:
-            first, n_first = time.perf_counter(), n
-    end = time.perf_counter()
+            first, n_first = last, n
+    end = time.perf_counter()  # after the loader shut its workers down (~20 ms for two here)
     del batches  # joins the loader's workers, so their CPU time is counted
-    steady = (n - n_first) / (end - first) if first is not None and n > n_first else 0.0
+    steady = (n - n_first) / (last - first) if first is not None and n > n_first else 0.0
     return Rate(steady, n / (end - start), (_cpu_s() - cpu0) / max(n, 1) * 1e6)
 
 
