@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import io
 import json
@@ -266,6 +267,28 @@ def test_recycled_batch_buffers_never_change_a_batch_still_in_use(shards):
             img, light, label = reference[k]
             assert torch.equal(lighting[i], light) and int(labels[i]) == label
             assert i == 0 or torch.equal(images[i - 1], img)
+
+
+def test_training_buffers_outlive_epochs_and_a_batch_held_across_them_stays_intact(shards):
+    """A training loader makes its shared batch buffers once: every epoch's workers reuse them, a batch
+    kept from an abandoned epoch is never written over, and the slots come back once nothing holds them."""
+    cfg = LoaderConfig(batch_size=10, crop=32, mode="train", seed=2, num_workers=2, shuffle_buffer=20)
+    loader = make_loader(shards, cfg, rank=0, world_size=1)
+    epoch0 = iter(loader)
+    kept = next(epoch0)
+    want = (kept.images.clone(), kept.lighting.clone(), kept.labels.clone(), list(kept.keys))
+    epoch0.close()  # abandoned mid-epoch: its workers stop, the slots they had taken come back
+    made = {b.data_ptr() for b in loader._pool.buffers.values()}
+    assert len(made) == 2 * POOL_SLOTS and int(loader._pool.flags.sum()) == 1  # only `kept` is held
+    loader.set_epoch(1)
+    seen = {b.images.untyped_storage().data_ptr() for b in loader}
+    assert seen <= made  # the same buffers, no fresh ones
+    assert kept.images.untyped_storage().data_ptr() not in seen  # its slot was skipped while held
+    assert torch.equal(kept.images, want[0]) and torch.equal(kept.lighting, want[1])
+    assert torch.equal(kept.labels, want[2]) and kept.keys == want[3]
+    del kept
+    gc.collect()
+    assert int(loader._pool.flags.sum()) == 0
 
 
 TAR_READERS = {
