@@ -16,16 +16,19 @@ Targets: shards >= 1.0x imagefolder, >= 0.85x ceiling, S3 >= 0.9x local.
 
 The loaders' rates are steady-state: counted from their first batch to their last, as the ceiling's in warm
 processes (an ImageNet epoch is 1.28M images; starting and stopping the workers is noise there, ~25% of a
-4,000-image run here). The whole-epoch rates, start and shutdown included, are in ``epoch_images_per_s``. ``cpu_us_per_image`` is the CPU time
-(all processes of each side) per image: what the 2-core ratios are made of, and steadier than rates when
-other work shares the machine.
+4,000-image run here). The whole-epoch rates, start and shutdown included, are in ``epoch_images_per_s``.
+Every side is measured ``--repeat`` times, in rounds (one run of each side per round, so drifts of the
+machine hit all sides alike), and the median run is reported: one run here varies by 10-15% from the next.
+``cpu_us_per_image`` is the CPU time (all processes of each side) per image: what the 2-core ratios are
+made of, and steadier than rates when other work shares the machine.
 
-    .venv/bin/python bench/data.py [--images 4000] [--workers 2] [--batch 64]
+    .venv/bin/python bench/data.py [--images 4000] [--workers 2] [--batch 64] [--repeat 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
@@ -209,8 +212,9 @@ def _proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def rate_s3(m: Manifest, args) -> tuple[Rate, float]:
-    """Our loader reading the shards from moto over HTTP; and moto's CPU us per image meanwhile."""
+@contextlib.contextmanager
+def moto_copy(m: Manifest):
+    """The shards copied into a local S3 server (moto, over HTTP): (their manifest, endpoint, moto's pid)."""
     port = free_port()
     env = {
         **os.environ,
@@ -237,12 +241,22 @@ def rate_s3(m: Manifest, args) -> tuple[Rate, float]:
             url = f"s3://bench/{Path(s.url).name}"
             storage.write_bytes(url, Path(s.url).read_bytes(), endpoint_url=endpoint)
             shards.append(ShardInfo(url, s.count, s.bytes, s.sha256))
-        moto_cpu = _proc_cpu_s(proc.pid)
-        rate = rate_shards(replace(m, shards=tuple(shards)), args, endpoint)
-        return rate, (_proc_cpu_s(proc.pid) - moto_cpu) / m.num_samples * 1e6
+        yield replace(m, shards=tuple(shards)), endpoint, proc.pid
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def rate_s3(m3: Manifest, endpoint: str, moto_pid: int, args) -> tuple[Rate, float]:
+    """Our loader reading the shards from moto; and moto's CPU us per image meanwhile."""
+    moto_cpu = _proc_cpu_s(moto_pid)
+    rate = rate_shards(m3, args, endpoint)
+    return rate, (_proc_cpu_s(moto_pid) - moto_cpu) / m3.num_samples * 1e6
+
+
+def median_rate(rates: list[Rate]) -> Rate:
+    """The run with the median steady rate (runs here vary by 10-15% from one to the next)."""
+    return sorted(rates, key=lambda r: r.steady)[len(rates) // 2]
 
 
 def main() -> None:
@@ -255,26 +269,38 @@ def main() -> None:
     # 1,000 images (~6 MB here): still small beside the 100 MB-1 GB shards webdataset advises; each S3 GET
     # costs moto ~4 ms of CPU on these 2 cores, so tiny shards measure the GET, not the stream
     parser.add_argument("--shard-size", type=int, default=1000)
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of every measurement; medians shown")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-data-"))
     try:
         jpegs = make_jpegs(args.images, args.size)
         write_imagefolder(tmp / "folder", jpegs)
         m = write_shards(tmp / "shards", jpegs, args.shard_size, args.size)
-        rate_shards(m, args)  # warm the page cache and imports
-        rates = {
-            "shards": rate_shards(m, args),
-            "shards_whole_decode": rate_shards(m, args, direct_jpeg=False),
-            "imagefolder": rate_imagefolder(tmp / "folder", args),
-            "ceiling": rate_ceiling(jpegs, args.workers),
-        }
-        rates["shards_s3"], moto_us = rate_s3(m, args)
+        with moto_copy(m) as (m3, endpoint, moto_pid):
+            rate_shards(m, args)  # warm the page cache and imports
+            runs: dict[str, list[Rate]] = {}
+            moto_us: list[float] = []
+            for _ in range(args.repeat):  # each round measures every side: drifts hit them all alike
+                for name, measure in (
+                    ("shards", lambda: rate_shards(m, args)),
+                    ("shards_whole_decode", lambda: rate_shards(m, args, direct_jpeg=False)),
+                    ("imagefolder", lambda: rate_imagefolder(tmp / "folder", args)),
+                    ("ceiling", lambda: rate_ceiling(jpegs, args.workers)),
+                ):
+                    runs.setdefault(name, []).append(measure())
+                rate, us = rate_s3(m3, endpoint, moto_pid, args)
+                runs.setdefault("shards_s3", []).append(rate)
+                moto_us.append(us)
+        rates = {k: median_rate(v) for k, v in runs.items()}
+        moto_us = float(np.median(moto_us))
         figures = {k: r.steady for k, r in rates.items()}
         cpu = {k: r.cpu_us for k, r in rates.items()}
         report = {
             "images": args.images, "workers": args.workers, "batch": args.batch, "crop": args.crop,
             "jpeg_bytes_mean": int(np.mean([len(d) for _, d in jpegs])),
+            "repeat": args.repeat,
             "images_per_s": {k: round(v, 1) for k, v in figures.items()},
+            "images_per_s_runs": {k: [round(r.steady) for r in v] for k, v in runs.items()},
             "epoch_images_per_s": {k: round(r.epoch, 1) for k, r in rates.items() if k != "ceiling"},
             "cpu_us_per_image": {**{k: round(v, 1) for k, v in cpu.items()}, "moto": round(moto_us, 1)},
             # per-image CPU efficiency (S3: moto's CPU counted): what the rate ratios come to on an idle
