@@ -7,8 +7,10 @@ BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEB_PACKAGES := redis-server dataset-fashion-mnist gcc libc6-dev libjpeg-dev
 
-# demo knobs: `make demo EPOCHS=8`, `make demo S3=1` (a local S3 server instead of local folders)
+# demo knobs: `make demo EPOCHS=8`, `make demo SEED=1` (the job's seed), `make demo S3=1` (a local S3 server
+# instead of local folders)
 EPOCHS ?=
+SEED ?=
 S3 ?= 0
 
 .PHONY: setup system-packages demo test lint bench clean-demo
@@ -38,7 +40,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	EPOCHS="$(EPOCHS)" S3="$(S3)" PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
+	EPOCHS="$(EPOCHS)" SEED="$(SEED)" S3="$(S3)" PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
 
 test: setup
 	$(BIN)/ruff check alexnet_dist tests bench

@@ -4,7 +4,7 @@
 #   redis-server (AOF)  ──  Ray head (2 CPUs)  ──  dispatcher  ──  Ray Job: 2 Ray Train workers x 2 towers
 #   Fashion-MNIST shards (local folder, or a local S3 server with S3=1) ── checkpoints ── result in Redis
 #
-# Knobs (environment): EPOCHS (default: the job's), S3=1, DEMO_DIR (default demo/), and the ports
+# Knobs (environment): EPOCHS, SEED (default: the job's), S3=1, DEMO_DIR (default demo/), and the ports
 # REDIS_PORT, RAY_PORT, DASHBOARD_PORT, S3_PORT. Everything started here is stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +19,7 @@ DASHBOARD_PORT=${DASHBOARD_PORT:-8266}
 S3_PORT=${S3_PORT:-6394}
 S3=${S3:-0}
 EPOCHS=${EPOCHS:-}
+SEED=${SEED:-}
 JOB_SPEC=${JOB_SPEC:-jobs/fashion-mnist.toml}
 
 rm -rf "$STACK/redis"  # a fresh queue each demo: no half-finished job from an interrupted one
@@ -99,6 +100,7 @@ VAL_MANIFEST="$SHARDS/fashion-mnist-test.json"
 echo "== 3. submit $JOB_SPEC"
 sets=(--set "data.train=$TRAIN_MANIFEST" --set "data.val=$VAL_MANIFEST")
 [ -n "$EPOCHS" ] && sets+=(--set "train.epochs=$EPOCHS")
+[ -n "$SEED" ] && sets+=(--set "seed=$SEED")
 JOB=$(alexnet-dist submit "$JOB_SPEC" "${sets[@]}" --json | python -c 'import json,sys; print(json.load(sys.stdin)["id"])')
 echo "   job $JOB queued"
 
