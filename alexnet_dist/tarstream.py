@@ -26,7 +26,7 @@ SIGNATURES: native.Signatures = {
 _TAR_CHUNK = 1 << 20  # bytes per read from the stream: headers are parsed out of big reads
 _ROWS = 256  # members indexed per call
 _ZERO_BLOCK = bytes(512)
-_REGULAR = (b"0", b"\0", b"7")  # regular files (and contiguous ones); others are skipped
+_REGULAR = (48, 0, 55)  # type flags "0", NUL, "7": regular files (and contiguous ones); others are skipped
 
 
 def members(stream) -> Iterator[tuple[str, bytearray]]:
@@ -52,22 +52,15 @@ def members_native(stream, lib: ctypes.CDLL) -> Iterator[tuple[str, bytearray]]:
                               _ROWS, ctypes.byref(after), ctypes.byref(status))  # fmt: skip
             for hdr, size, kind, name_len, prefix_len in rows[:n].tolist():
                 data = buf[hdr + 512 : hdr + 512 + size]
-                if kind == 76:  # "L", GNU: the next member's long name
-                    long_name = data.rstrip(b"\0").decode()
-                    continue
-                if kind == 120:  # "x", pax: "len path=value\n" records
-                    long_name = _pax_path(data, long_name)
-                    continue
-                if kind not in (48, 0, 55):  # "0", NUL, "7": regular files
-                    long_name = None
-                    continue
-                name = long_name
-                if name is None:
-                    name = buf[hdr : hdr + name_len].decode()
-                    if prefix_len:
-                        name = buf[hdr + 345 : hdr + 345 + prefix_len].decode() + "/" + name
-                long_name = None
-                yield name, data
+                regular, pending = _resolve(kind, data, long_name)
+                if regular:
+                    name = long_name
+                    if name is None:
+                        name = buf[hdr : hdr + name_len].decode()
+                        if prefix_len:
+                            name = buf[hdr + 345 : hdr + 345 + prefix_len].decode() + "/" + name
+                    yield name, data
+                long_name = pending
             pos = after.value
             if status.value == 1:
                 return
@@ -87,6 +80,17 @@ def members_native(stream, lib: ctypes.CDLL) -> Iterator[tuple[str, bytearray]]:
             buf += more
         else:
             ended = True
+
+
+def _resolve(kind: int, data: bytearray, long_name: str | None) -> tuple[bool, str | None]:
+    """(whether the member is a regular file, to yield under the pending long name or its header's; the
+    long name pending after it), from its type flag: GNU "L" and pax "x" members name the next member,
+    any other member ends a pending long name."""
+    if kind == 76:  # "L", GNU: the next member's long name
+        return False, data.rstrip(b"\0").decode()
+    if kind == 120:  # "x", pax: "len path=value\n" records
+        return False, _pax_path(data, long_name)
+    return kind in _REGULAR, None
 
 
 def _pax_path(data: bytearray, default: str | None) -> str | None:
@@ -135,23 +139,15 @@ def members_py(stream) -> Iterator[tuple[str, bytearray]]:
             raise EOFError(f"tar ends inside a member ({len(buf) - pos - 512} of {size} bytes)")
         data = buf[pos + 512 : pos + 512 + size]
         pos += 512 + padded  # may pass the end of buf: fill skips the rest of the padding
-        kind = header[156:157]
-        if kind == b"L":  # GNU: the next member's long name
-            long_name = data.rstrip(b"\0").decode()
-            continue
-        if kind == b"x":  # pax: "len path=value\n" records
-            long_name = _pax_path(data, long_name)
-            continue
-        if kind not in _REGULAR:
-            long_name = None
-            continue
-        name = long_name
-        if name is None:
-            name = header[:100].split(b"\0", 1)[0].decode()
-            if header[257:262] == b"ustar" and header[345] != 0:
-                name = header[345:500].split(b"\0", 1)[0].decode() + "/" + name
-        long_name = None
-        yield name, data
+        regular, pending = _resolve(header[156], data, long_name)
+        if regular:
+            name = long_name
+            if name is None:
+                name = header[:100].split(b"\0", 1)[0].decode()
+                if header[257:262] == b"ustar" and header[345] != 0:
+                    name = header[345:500].split(b"\0", 1)[0].decode() + "/" + name
+            yield name, data
+        long_name = pending
 
 
 def iter_tar(stream) -> Iterator[tuple[str, dict[str, bytearray]]]:
