@@ -104,11 +104,11 @@ class Batch:
         )
         return self
 
-    def __reduce__(self):  # from a loader worker: unpickled in the main process by _received_batch
+    def __reduce__(self):  # from a loader worker to the main process
         meta = (self.keys, self.stream, self.records, self.bad, self.slot)
         if self.slot is not None and self.source is not None:
             return _received_slot, (*meta, *self.source)  # the buffer itself only on its first trip
-        return _received_batch, (self.images, self.lighting, self.labels, *meta)
+        return Batch, (self.images, self.lighting, self.labels, *meta)  # its own tensors: nothing to recycle
 
 
 class _SharedPool:
@@ -146,11 +146,6 @@ _POOLS: weakref.WeakValueDictionary[str, _SharedPool] = weakref.WeakValueDiction
 _pool_names = itertools.count()
 
 
-def _received_batch(*fields: Any) -> Batch:
-    """A batch arriving from a worker with its own tensors (a buffer outside the pool): nothing to recycle."""
-    return Batch(*fields[:-1])
-
-
 def _received_slot(
     keys: list[str], stream: int, records: int, bad: int, slot: tuple[str, int, int],
     buf: torch.Tensor | None, layout: _Layout, n: int,
@@ -165,7 +160,8 @@ def _received_slot(
     """
     pool = _POOLS.get(slot[0])
     if pool is None:  # the loader is gone: nobody waits for this batch
-        return Batch(*_empty_views(layout, n), keys, stream, records, bad)
+        empty = torch.zeros(layout.nbytes, dtype=torch.uint8)
+        return Batch(*layout.views_of(empty, n), keys, stream, records, bad)
     if buf is not None:
         pool.buffers[slot[1:]] = buf
     # A fresh storage over the cached memory per batch: PyTorch keeps a storage's Python object alive as
@@ -175,10 +171,6 @@ def _received_slot(
     done = weakref.finalize(mine.untyped_storage(), pool.release, *slot[1:])
     done.atexit = False
     return Batch(*layout.views_of(mine, n), keys, stream, records, bad, slot)
-
-
-def _empty_views(layout: _Layout, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return layout.views_of(torch.zeros(layout.nbytes, dtype=torch.uint8), n)
 
 
 class _BufferPool:
@@ -435,27 +427,27 @@ class _Stream:
         """
         crop, mode, decoded, whole = self.cfg.crop, self.cfg.mode, [], pending
         if mode != "ten_crop" and self.direct_jpeg:
-            jpegs = [r for r in pending if jpeg_native.is_jpeg(r[3])]
-            later = {id(r) for r in pending} - {id(r) for r in jpegs}  # decoded whole, in pending's order
-            draws = flips = alphas = None
+            fallback = [not jpeg_native.is_jpeg(r[3]) for r in pending]  # decoded whole, in pending's order
+            jpegs = [i for i, f in enumerate(fallback) if not f]
+            draws = flips = None
+            alphas: list[augment.Alphas | None] = [None] * len(jpegs)
             if mode == "train":
-                draws, flips, alphas = [], [], []
-                for r in jpegs:
-                    top, left, flip, alpha = augment.train_draws(self.seed, self.epoch, r[1])
-                    draws.append((top, left))
-                    flips.append(flip)
-                    alphas.append(alpha)
+                params = [augment.train_draws(self.seed, self.epoch, pending[i][1]) for i in jpegs]
+                draws = [(top, left) for top, left, _, _ in params]
+                flips = [flip for _, _, flip, _ in params]
+                alphas = [alpha for *_, alpha in params]
             codes, messages = jpeg_native.decode_views_into(
-                images[len(filled.keys) :, 0], [r[3] for r in jpegs], draws, flips
+                images[len(filled.keys) :, 0], [pending[i][3] for i in jpegs], draws, flips
             )
-            for i, ((url, key, label, _), code) in enumerate(zip(jpegs, codes, strict=True)):
+            for i, code, message, alpha in zip(jpegs, codes, messages, alphas, strict=True):
+                url, key, label, _ = pending[i]
                 if code == 0:
-                    filled.add(key, label, alphas[i] if alphas is not None else None)
+                    filled.add(key, label, alpha)
                 elif code == 1:
-                    self._bad(url, key, f"cannot decode: ValueError: {messages[i].splitlines()[0][:80]}")
+                    self._bad(url, key, f"cannot decode: ValueError: {message.splitlines()[0][:80]}")
                 else:  # smaller than the crop: decoded whole and upscaled below, after the others
-                    later.add(id(jpegs[i]))
-            whole = [r for r in pending if id(r) in later] if later else []
+                    fallback[i] = True
+            whole = [r for r, f in zip(pending, fallback, strict=True) if f]
         for url, key, label, data in whole:
             try:
                 decoded.append((key, label, augment.fit_min_side(augment.decode_image(data), crop)))
