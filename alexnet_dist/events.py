@@ -1,9 +1,9 @@
-"""Job events: one JSON object per entry in the job's Redis stream, also pushed on its live channel.
+"""Job events on the wire: one JSON object per entry of a Redis stream, also pushed on a channel.
 
-The training loop (rank 0, inside a Ray worker) publishes ``step``, ``epoch`` and ``final`` events through
-:class:`EventPublisher`; the queue adds ``state`` events on every state change. Readers (``watch``) replay
-the stream from its start and then block for new entries, so a watcher can be stopped and started again
-without missing anything. Each stream entry has one field, ``data``: the event as JSON (never pickle).
+This is the contract between whoever produces events (the training loop's rank 0, the job store's state
+changes) and whoever reads them (``watch``, the dashboard, plots). Each stream entry has one field,
+``data``: the event as JSON (never pickle), ``type`` first and ``time`` (unix seconds) added. The producer
+is told the stream and channel names; it does not know how the service names its keys.
 """
 
 from __future__ import annotations
@@ -11,20 +11,12 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import redis
 
-from alexnet_dist.keys import Keys
-
-__all__ = [
-    "STREAM_MAXLEN",
-    "EventPublisher",
-    "encode_event",
-    "read_events",
-    "subscribe_results",
-]
+__all__ = ["STREAM_MAXLEN", "EventPublisher", "EventTarget", "encode_event"]
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +24,26 @@ log = logging.getLogger(__name__)
 # (1.28M images / batch 128 / 50 * 90), so the bound only trims runaway logging, never a real run.
 STREAM_MAXLEN = 100_000
 _RECONNECT_AFTER_S = 5.0  # after a failure, the publisher drops events for this long before reconnecting
+
+
+@dataclass(frozen=True)
+class EventTarget:
+    """Where a producer publishes: a Redis server, the stream that keeps the events, the channel that pushes
+    them. Travels as JSON to training workers."""
+
+    redis_url: str
+    stream: str
+    channel: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"redis_url": self.redis_url, "stream": self.stream, "channel": self.channel}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, str]) -> EventTarget:
+        return cls(data["redis_url"], data["stream"], data["channel"])
+
+    def publisher(self, **options: Any) -> EventPublisher:
+        return EventPublisher(self.redis_url, stream=self.stream, channel=self.channel, **options)
 
 
 def encode_event(event: dict[str, Any], *, now: float | None = None) -> str:
@@ -51,12 +63,11 @@ class EventPublisher:
     """
 
     def __init__(
-        self, redis_url: str, *, prefix: str, job_id: str, retry_after_s: float = _RECONNECT_AFTER_S
+        self, redis_url: str, *, stream: str, channel: str, retry_after_s: float = _RECONNECT_AFTER_S
     ) -> None:
         self._retry_after_s = retry_after_s
         self._url = redis_url
-        self._keys = Keys(prefix)
-        self._job_id = job_id
+        self._stream, self._channel = stream, channel
         self._client: redis.Redis | None = None
         self._retry_at = 0.0
         self._failing = False
@@ -80,18 +91,16 @@ class EventPublisher:
             return
         try:
             pipe = client.pipeline(transaction=False)
-            pipe.xadd(self._keys.events(self._job_id), {"data": data}, maxlen=STREAM_MAXLEN, approximate=True)
-            pipe.publish(self._keys.live(self._job_id), data)
+            pipe.xadd(self._stream, {"data": data}, maxlen=STREAM_MAXLEN, approximate=True)
+            pipe.publish(self._channel, data)
             pipe.execute()
             if self._failing:
-                log.info("job %s: event publishing to Redis works again", self._job_id)
+                log.info("%s: event publishing to Redis works again", self._stream)
                 self._failing = False
         except (redis.RedisError, OSError) as err:
             self.dropped += 1
             if not self._failing:
-                log.warning(
-                    "job %s: events not published, Redis error (%s); retrying later", self._job_id, err
-                )
+                log.warning("%s: events not published, Redis error (%s); retrying later", self._stream, err)
                 self._failing = True
             self._drop_client()
             self._retry_at = time.monotonic() + self._retry_after_s
@@ -106,63 +115,3 @@ class EventPublisher:
 
     def close(self) -> None:
         self._drop_client()
-
-
-def _decode(entry_id: str | bytes, fields: dict) -> tuple[str, dict[str, Any]]:
-    eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-    raw = fields.get("data", fields.get(b"data", "{}"))
-    return eid, json.loads(raw)
-
-
-def read_events(
-    client: redis.Redis,
-    keys: Keys,
-    job_id: str,
-    *,
-    after: str = "0-0",
-    block_ms: int | None = None,
-    count: int = 500,
-) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Entries of the job's stream after ``after`` as (entry id, event).
-
-    Without ``block_ms`` it yields what is there and stops; with it, it then waits up to ``block_ms`` for
-    more, once, and stops (callers loop, checking in between whether the job has ended).
-    """
-    stream = keys.events(job_id)
-    last = after
-    while True:
-        batch = client.xread({stream: last}, count=count)
-        if not batch:
-            break
-        for entry_id, fields in batch[0][1]:
-            last, event = _decode(entry_id, fields)
-            yield last, event
-    if block_ms is not None:
-        batch = client.xread({stream: last}, count=count, block=block_ms)
-        for entry_id, fields in batch[0][1] if batch else []:
-            yield _decode(entry_id, fields)
-
-
-def subscribe_results(client: redis.Redis, keys: Keys, *, timeout_s: float | None = None) -> Iterator[dict]:
-    """Final results as they are published on the results channel (JSON objects with ``job_id``).
-
-    Subscribes before returning, so nothing published after this call is missed.
-    """
-    pubsub = client.pubsub(ignore_subscribe_messages=True)
-    pubsub.subscribe(keys.results)
-    # Read the server's confirmation now: until it arrives the subscription may not be registered yet.
-    pubsub.get_message(timeout=5.0)
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    return _results(client, pubsub, deadline)
-
-
-def _results(client: redis.Redis, pubsub: redis.client.PubSub, deadline: float | None) -> Iterator[dict]:
-    # ``client`` is held only to keep it alive: when it is collected, redis-py closes its connections.
-    try:
-        while deadline is None or time.monotonic() < deadline:
-            wait = 1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic()))
-            message = pubsub.get_message(timeout=wait)
-            if message is not None and message["type"] == "message":
-                yield json.loads(message["data"])
-    finally:
-        pubsub.close()

@@ -4,7 +4,7 @@ Same 256x256 JPEG files (Fashion-MNIST upscaled, RGB, quality 90) three ways, sa
 227 crop + flip) and the same number of loader workers:
 
 - ``shards``: our ShardLoader over tar shards holding the very same JPEG bytes (local disk), as it runs by
-  default: each view's crop decoded straight into its batch slot (``jpeg_native``);
+  default: each view's crop decoded straight into its batch slot (``jpeg_kernel``);
   ``shards_whole_decode``: the same with whole-image decodes (torchvision) and a crop/flip copy;
 - ``imagefolder``: torchvision ``ImageFolder`` + ``DataLoader`` over the files (PIL decode);
 - ``ceiling``: a bare decode loop over the JPEG bytes already in memory, in as many processes;
@@ -49,9 +49,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from alexnet_dist import augment, fashion_mnist, jpeg_native, shardwriter, storage
-from alexnet_dist.data import LoaderConfig, make_loader
-from alexnet_dist.manifest import Manifest, ShardInfo
+from alexnet_dist import storage
+from alexnet_dist.data import augment
+from alexnet_dist.data.build import fashion_mnist
+from alexnet_dist.data.build import writer as shard_writer
+from alexnet_dist.data.loader import LoaderConfig, make_loader
+from alexnet_dist.data.manifest import Manifest, ShardInfo
+from alexnet_dist.kernels import jpeg as jpeg_kernel
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
@@ -81,8 +85,8 @@ def write_shards(out: Path, jpegs: list[tuple[int, bytes]], per_shard: int, size
         with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
             for i in range(start, min(start + per_shard, len(jpegs))):
                 label, data = jpegs[i]
-                for name, blob in shardwriter.sample_members(f"s{i:06d}", label, data, {"i": i}):
-                    shardwriter.add_member(tar, name, blob)
+                for name, blob in shard_writer.sample_members(f"s{i:06d}", label, data, {"i": i}):
+                    shard_writer.add_member(tar, name, blob)
         blob = path.read_bytes()
         count = min(per_shard, len(jpegs) - start)
         shards.append(ShardInfo(str(path), count, len(blob), hashlib.sha256(blob).hexdigest()))
@@ -193,9 +197,9 @@ def decode_costs(jpegs: list[tuple[int, bytes]], crop: int) -> dict[str, float]:
         "pil_draft_us": round(per_image(pil_draft), 1),
         "torchvision_decode_us": round(per_image(augment.decode_image), 1),
     }
-    if jpeg_native.available():  # the loader's path: only the crop's rows and columns, mirrored
+    if jpeg_kernel.available():  # the loader's path: only the crop's rows and columns, mirrored
         costs["crop_decode_us"] = round(
-            per_image(lambda b: jpeg_native.decode_crop_into(view, b, 14, 15, True)), 1
+            per_image(lambda b: jpeg_kernel.decode_crop_into(view, b, 14, 15, True)), 1
         )
     return costs
 

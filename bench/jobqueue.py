@@ -23,9 +23,9 @@ import time
 from collections.abc import Callable
 
 from alexnet_dist.events import STREAM_MAXLEN, encode_event
-from alexnet_dist.keys import Keys
-from alexnet_dist.queue import JobQueue, new_job_id
-from alexnet_dist.redisconn import connect
+from alexnet_dist.service.connection import connect
+from alexnet_dist.service.keys import Keys
+from alexnet_dist.service.store import JobStore, new_job_id
 from alexnet_dist.spec import parse_spec
 
 
@@ -56,7 +56,7 @@ def run(url: str, n: int) -> dict:
     spec = parse_spec({"name": "bench", "data": {"train": "a.json", "val": "b.json"}})
     spec_json = spec.to_json()
 
-    queue = JobQueue(client, prefix="bench:svc:")
+    queue = JobStore(client, prefix="bench:svc:")
     ids: list[str] = []
     submit = _timed(n, lambda i: ids.append(queue.submit(spec, priority=i % 3, client_key=f"k{i}")[0].id))
     status = _timed(n, lambda i: queue.get(ids[i]))

@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from alexnet_dist import lrn_native, maxpool_native
-from alexnet_dist.model import MaxPool2d, build_model, local_response_norm, relu_lrn
-from alexnet_dist.reference import GroupedAlexNet
+from alexnet_dist.kernels import lrn as lrn_kernel
+from alexnet_dist.kernels import maxpool as maxpool_kernel
+from alexnet_dist.model.network import MaxPool2d, build_model, local_response_norm, relu_lrn
+from alexnet_dist.model.reference import GroupedAlexNet
 
 
 def step_fn(model: torch.nn.Module, batch: int, size: int) -> Callable[[], None]:
@@ -117,8 +118,8 @@ def main() -> None:
         "images_per_s": {k: round(v, 2) for k, v in ips.items()},
         "ratio_vs_torchvision": round(ips["two_tower"] / ips["torchvision"], 3),
         "two_tower_overhead_vs_grouped": round(ips["grouped_reference"] / ips["two_tower"] - 1, 3),
-        "fused_lrn_kernel": lrn_native.available(),
-        "max_pool_kernel": maxpool_native.available(),
+        "fused_lrn_kernel": lrn_kernel.available(),
+        "max_pool_kernel": maxpool_kernel.available(),
         "relu_lrn_conv1_fwd_bwd_s": {k: round(v, 4) for k, v in lrn.items()},
         "lrn_speedup_vs_torch": round(lrn["torch"] / lrn["fused"], 2),
         "max_pool_conv1_fwd_bwd_s": {k: round(v, 4) for k, v in pool.items()},

@@ -17,8 +17,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from alexnet_dist.fashion_mnist import load_split
-from alexnet_dist.model import PRESETS, AlexNet, AlexNetConfig
+from alexnet_dist.data.build.fashion_mnist import load_split
+from alexnet_dist.model.network import PRESETS, AlexNet, AlexNetConfig
 
 CANDIDATES: dict[str, dict] = {
     "small": {},

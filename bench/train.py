@@ -24,14 +24,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from alexnet_dist.augment import normalize
-from alexnet_dist.data import PAD_LABEL, LoaderConfig, make_loader
-from alexnet_dist.manifest import load_manifest
-from alexnet_dist.model import PRESETS, AlexNet
+from alexnet_dist.data.augment import normalize
+from alexnet_dist.data.build.writer import BuildOptions, build
+from alexnet_dist.data.loader import PAD_LABEL, LoaderConfig, make_loader
+from alexnet_dist.data.manifest import load_manifest
+from alexnet_dist.model.network import PRESETS, AlexNet
 from alexnet_dist.settings import Settings
-from alexnet_dist.shardwriter import BuildOptions, build
 from alexnet_dist.spec import parse_spec
-from alexnet_dist.train import run_training
+from alexnet_dist.training.loop import run_training
 
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 

@@ -131,7 +131,7 @@ python - "$DEMO_DIR/images" <<'EOF'
 import sys
 from pathlib import Path
 from PIL import Image
-from alexnet_dist.fashion_mnist import CLASSES, load_split
+from alexnet_dist.data.build.fashion_mnist import CLASSES, load_split
 out = Path(sys.argv[1]); out.mkdir(parents=True, exist_ok=True)
 images, labels = load_split("/usr/share/datasets/fashion-mnist", "test")
 for i in range(8):

@@ -11,8 +11,8 @@ from rich.table import Table
 
 from alexnet_dist.cli.app import app
 from alexnet_dist.errors import ConfigError
-from alexnet_dist.model import count_parameters
-from alexnet_dist.modelfile import load_caffemodel, read_class_names, save_model_file
+from alexnet_dist.model.file import load_caffemodel, read_class_names, save_model_file
+from alexnet_dist.model.network import count_parameters
 
 
 def parse_mean(text: str) -> tuple[float, float, float]:

@@ -33,7 +33,7 @@ def classify(
     An unreadable or non-image file gets its own error line; the others are still classified, and the
     command then exits with status 1.
     """
-    from alexnet_dist.classify import classify_images, load_model
+    from alexnet_dist.artifacts.classify import classify_images, load_model
 
     if top < 1:
         raise ConfigError(f"--top {top}: must be at least 1")
@@ -88,7 +88,7 @@ def plot(
     as_json: bool = typer.Option(False, "--json", help="also print the plotted figures as JSON"),
 ) -> None:
     """Plot a run's learning curves: training loss, top-1/top-5 validation error, learning rate."""
-    from alexnet_dist.plot import curves_from_history, load_history, plot_curves
+    from alexnet_dist.artifacts.plot import curves_from_history, load_history, plot_curves
 
     source, history = load_history(job, settings=load_settings())
     curves = curves_from_history(history)

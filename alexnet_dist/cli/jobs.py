@@ -17,9 +17,9 @@ from rich.table import Table
 
 from alexnet_dist.cli.app import app
 from alexnet_dist.errors import AlexNetDistError, ConfigError, QueueError
-from alexnet_dist.events import read_events
-from alexnet_dist.queue import TERMINAL, JobQueue, JobRecord, JobState
-from alexnet_dist.redisconn import connect
+from alexnet_dist.service.connection import connect
+from alexnet_dist.service.events import read_events
+from alexnet_dist.service.store import TERMINAL, JobRecord, JobState, JobStore
 from alexnet_dist.settings import Settings, load_settings
 from alexnet_dist.spec import JobSpec, load_spec
 
@@ -28,14 +28,14 @@ out = Console()
 err_console = Console(stderr=True)
 
 
-def _queue(settings: Settings) -> JobQueue:
-    return JobQueue(connect(settings.redis_url), prefix=settings.redis_prefix)
+def _queue(settings: Settings) -> JobStore:
+    return JobStore(connect(settings.redis_url), prefix=settings.redis_prefix)
 
 
 def check_data(spec: JobSpec, *, endpoint_url: str | None) -> None:
     """The manifests must exist and name as many classes as the model has outputs."""
     try:
-        from alexnet_dist.manifest import load_manifest
+        from alexnet_dist.data.manifest import load_manifest
     except ModuleNotFoundError:  # the data module has not landed yet: nothing to check against
         log.warning("alexnet_dist.manifest missing: manifests not checked")
         return
@@ -251,7 +251,7 @@ def result(job_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
 @app.command()
 def logs(job_id: str, attempt: int | None = typer.Option(None, help="default: the current attempt")) -> None:
     """The Ray Job's driver log."""
-    from alexnet_dist.dispatcher import RayJobsLauncher
+    from alexnet_dist.service.dispatcher import RayJobsLauncher
 
     settings = load_settings()
     rec = _queue(settings).get(job_id)
@@ -268,7 +268,7 @@ def dispatcher(
     import signal
     import threading
 
-    from alexnet_dist.dispatcher import Dispatcher, RayJobsLauncher, job_env
+    from alexnet_dist.service.dispatcher import Dispatcher, RayJobsLauncher, job_env
 
     settings = load_settings()
     queue = _queue(settings)
@@ -291,13 +291,15 @@ def dispatcher(
 @app.command("run-job", hidden=True)
 def run_job(job_id: str, attempt: int = typer.Option(..., help="the attempt this Ray Job runs")) -> None:
     """Entrypoint of a Ray Job: train the job's spec and store its result."""
-    from alexnet_dist.train import run_training
+    from alexnet_dist.service.events import job_events
+    from alexnet_dist.training.loop import run_training
 
     settings = load_settings()
     queue = _queue(settings)
     rec = queue.get(job_id)
     if rec.attempt != attempt:
         raise QueueError(f"job {job_id}: attempt {attempt} is stale (current {rec.attempt}); not running it")
-    res = run_training(rec.spec, run_name=job_id, settings=settings, job_id=job_id, resume=True)
+    events = job_events(settings.redis_url, queue.keys, job_id)
+    res = run_training(rec.spec, run_name=job_id, settings=settings, events=events, resume=True)
     queue.store_result(job_id, res.to_dict())
     out.print(f"{job_id}: stored result")

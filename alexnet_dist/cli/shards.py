@@ -16,10 +16,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from alexnet_dist import shardwriter
 from alexnet_dist.cli.app import app
+from alexnet_dist.data.build import writer as shard_writer
+from alexnet_dist.data.manifest import load_manifest, verify_manifest
 from alexnet_dist.errors import ConfigError, DataError
-from alexnet_dist.manifest import load_manifest, verify_manifest
 from alexnet_dist.settings import load_settings
 
 shards_app = typer.Typer(help="Build and check WebDataset shards.", no_args_is_help=True)
@@ -55,7 +55,7 @@ def build(
     if shard_size < 1 or processes < 1:
         raise ConfigError("--shard-size and --processes must be at least 1")
     settings = load_settings()
-    opts = shardwriter.BuildOptions(
+    opts = shard_writer.BuildOptions(
         resize_to=resize_to or None, quality=quality, shard_size=shard_size, shard_bytes=shard_bytes,
         processes=processes, limit=limit,
     )  # fmt: skip
@@ -71,7 +71,7 @@ def build(
                 tasks[split_name] = bar.add_task(f"{split_name} samples", total=total)
             bar.advance(tasks[split_name], n)
 
-        manifests = shardwriter.build(
+        manifests = shard_writer.build(
             source, out, opts, fmt=fmt, split=split, manifest_dir=manifest_dir, stats_from=reference,
             endpoint_url=settings.s3_endpoint_url, progress=tick,
         )  # fmt: skip

@@ -1,0 +1,166 @@
+"""Reading WebDataset tar shards as a stream: (key, {extension: bytes}) per sample.
+
+A hand-rolled reader over 1 MB reads: ``tarfile`` spends ~90 us per header in Python, as much as decoding a
+small JPEG, and three small ``read`` calls per member cost ~10 us more. The headers of each read are indexed
+by a small C function (``csrc/tar_index.c``: ~4 us a member in Python before, three members a sample),
+with the same reader in Python where no C compiler is found. Data come as ``bytearray``s, which the JPEG
+decoder reads in place.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import tarfile
+from collections.abc import Iterator
+
+import numpy as np
+
+from alexnet_dist.kernels import library
+
+__all__ = ["iter_tar", "members"]
+
+_i64, _i32, _ptr = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
+SIGNATURES: library.Signatures = {
+    "tar_index": ([_ptr, _i64, _i64, _ptr, _i64, ctypes.POINTER(_i64), ctypes.POINTER(_i32)], _i64),
+}
+_TAR_CHUNK = 1 << 20  # bytes per read from the stream: headers are parsed out of big reads
+_ROWS = 256  # members indexed per call
+_ZERO_BLOCK = bytes(512)
+_REGULAR = (48, 0, 55)  # type flags "0", NUL, "7": regular files (and contiguous ones); others are skipped
+
+
+def members(stream) -> Iterator[tuple[str, bytearray]]:
+    """(name, data) of each regular file in a tar stream: ustar, GNU long names and pax paths.
+
+    A stream that ends inside a member raises EOFError; one that ends between members just ends; a header
+    whose size is not a number raises ``tarfile.ReadError``.
+    """
+    lib = library.load("tar_index", SIGNATURES)
+    return members_native(stream, lib) if lib is not None else members_py(stream)
+
+
+def members_native(stream, lib: ctypes.CDLL) -> Iterator[tuple[str, bytearray]]:
+    """:func:`members` with the headers of each read indexed in C."""
+    buf, pos, ended = bytearray(), 0, False
+    rows = np.zeros((_ROWS, 5), np.int64)
+    after, status = _i64(), _i32()
+    long_name: str | None = None
+    while True:
+        n = 0
+        if len(buf) >= pos + 512:
+            n = lib.tar_index(ctypes.byref(ctypes.c_char.from_buffer(buf)), len(buf), pos, rows.ctypes.data,
+                              _ROWS, ctypes.byref(after), ctypes.byref(status))  # fmt: skip
+            for hdr, size, kind, name_len, prefix_len in rows[:n].tolist():
+                data = buf[hdr + 512 : hdr + 512 + size]
+                regular, pending = _resolve(kind, data, long_name)
+                if regular:
+                    name = long_name
+                    if name is None:
+                        name = buf[hdr : hdr + name_len].decode()
+                        if prefix_len:
+                            name = buf[hdr + 345 : hdr + 345 + prefix_len].decode() + "/" + name
+                    yield name, data
+                long_name = pending
+            pos = after.value
+            if status.value == 1:
+                return
+            if status.value == 2:
+                raise tarfile.ReadError(f"bad tar header size {bytes(buf[pos + 124 : pos + 136])!r}")
+            if n == _ROWS:
+                continue
+        if ended:  # the stream ended with the member at pos incomplete
+            if len(buf) - pos < 512:
+                return  # between members (or in the last one's padding)
+            raise EOFError(f"tar ends inside a member ({len(buf) - pos - 512} bytes of it read)")
+        skip = max(0, pos - len(buf))  # a member's padding that lies past what was read so far
+        del buf[:pos]
+        pos = skip
+        more = stream.read(_TAR_CHUNK)
+        if more:
+            buf += more
+        else:
+            ended = True
+
+
+def _resolve(kind: int, data: bytearray, long_name: str | None) -> tuple[bool, str | None]:
+    """(whether the member is a regular file, to yield under the pending long name or its header's; the
+    long name pending after it), from its type flag: GNU "L" and pax "x" members name the next member,
+    any other member ends a pending long name."""
+    if kind == 76:  # "L", GNU: the next member's long name
+        return False, data.rstrip(b"\0").decode()
+    if kind == 120:  # "x", pax: "len path=value\n" records
+        return False, _pax_path(data, long_name)
+    return kind in _REGULAR, None
+
+
+def _pax_path(data: bytearray, default: str | None) -> str | None:
+    for rec in data.decode().split("\n"):
+        key, _, value = rec.partition(" ")[2].partition("=")
+        if key == "path":
+            default = value
+    return default
+
+
+def members_py(stream) -> Iterator[tuple[str, bytearray]]:
+    """:func:`members` in Python: the reader where the C indexer cannot be built."""
+    buf, pos = bytearray(), 0
+    long_name: str | None = None
+
+    def fill(n: int) -> bool:  # make buf[pos : pos + n] available; False at the end of the stream
+        nonlocal buf, pos
+        if len(buf) - pos >= n:
+            return True
+        skip = max(0, pos - len(buf))  # a member's padding that lies past what was read so far
+        del buf[:pos]
+        pos = skip
+        while len(buf) < pos + n:
+            more = stream.read(max(_TAR_CHUNK, pos + n - len(buf)))
+            if not more:
+                return False
+            buf += more
+        return True
+
+    while True:
+        if not fill(512):
+            return
+        header = bytes(buf[pos : pos + 512])
+        if header == _ZERO_BLOCK:
+            return
+        raw = header[124:136]
+        if raw[0] & 0x80:  # base-256 size (GNU, files over 8 GB)
+            size = int.from_bytes(raw[1:], "big")
+        else:
+            try:
+                size = int(raw.split(b"\0", 1)[0].strip() or b"0", 8)
+            except ValueError as err:
+                raise tarfile.ReadError(f"bad tar header size {raw!r}") from err
+        padded = size + (-size % 512)
+        if not fill(512 + size):
+            raise EOFError(f"tar ends inside a member ({len(buf) - pos - 512} of {size} bytes)")
+        data = buf[pos + 512 : pos + 512 + size]
+        pos += 512 + padded  # may pass the end of buf: fill skips the rest of the padding
+        regular, pending = _resolve(header[156], data, long_name)
+        if regular:
+            name = long_name
+            if name is None:
+                name = header[:100].split(b"\0", 1)[0].decode()
+                if header[257:262] == b"ustar" and header[345] != 0:
+                    name = header[345:500].split(b"\0", 1)[0].decode() + "/" + name
+            yield name, data
+        long_name = pending
+
+
+def iter_tar(stream) -> Iterator[tuple[str, dict[str, bytearray]]]:
+    """(key, {extension: bytes}) per sample of a WebDataset tar stream (key = name up to the first dot)."""
+    key, files = None, {}
+    for name, data in members(stream):
+        dot = name.find(".", name.rfind("/") + 1)
+        if dot < 0:
+            continue
+        if name[:dot] != key:
+            if key is not None:
+                yield key, files
+            key, files = name[:dot], {}
+        files[name[dot + 1 :].lower()] = data
+    if key is not None:
+        yield key, files

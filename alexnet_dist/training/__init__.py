@@ -1,0 +1,1 @@
+"""Training: the per-worker loop, its runners (Ray Train), checkpoints, schedule, evaluation, metric sinks."""

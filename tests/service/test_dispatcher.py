@@ -1,0 +1,301 @@
+"""The dispatcher: fit, lock, races, crash recovery and retries (Redis-backed cluster stand-in), then real
+Ray Jobs on a local head (launch, follow, retry, cancel).
+
+The stand-in (`RedisCluster`) keeps its submissions in Redis so several dispatcher processes share it, and it
+behaves as Ray Jobs does: a submission id is accepted once, a second submit is a no-op that is counted.
+Run as a script, this file is also a dispatcher process (``serve``) and a Ray Job entrypoint (``entry``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import redis
+from conftest import RayHead
+
+from alexnet_dist.service.connection import connect
+from alexnet_dist.service.dispatcher import Demand, Dispatcher, LaunchStatus, fits
+from alexnet_dist.service.store import JobState, JobStore
+from alexnet_dist.spec import JobSpec, parse_spec
+
+HERE = Path(__file__).resolve()
+PREFIX = "t:"
+
+
+def make_spec(name: str = "tiny", workers: int = 1, cpus: float = 1.0, **over: object) -> JobSpec:
+    data = {
+        "name": name,
+        "data": {"train": "shards/t.json", "val": "shards/v.json"},
+        "scaling": {"workers": workers, "cpus_per_worker": cpus},
+        "train": {"batch_size": 4 * workers},
+        **over,
+    }
+    return parse_spec(data)
+
+
+class RedisCluster:
+    """A cluster stand-in whose jobs finish (or fail) the moment they are submitted, kept in Redis."""
+
+    def __init__(
+        self, url: str, *, cpus: float = 4.0, outcome: str = "SUCCEEDED", crash_on_submit: bool = False
+    ):
+        self.r = redis.Redis.from_url(url, decode_responses=True)
+        self.cpus = cpus
+        self.outcome = outcome
+        self.crash_on_submit = crash_on_submit
+
+    def submit(self, submission_id: str, entrypoint: str, env: dict[str, str]) -> None:
+        if self.crash_on_submit:  # die between claiming the job and launching it
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.r.hsetnx("cluster:status", submission_id, self.outcome):
+            self.r.hincrby("cluster:launches", submission_id, 1)
+        else:
+            self.r.hincrby("cluster:duplicates", submission_id, 1)
+
+    def status(self, submission_id: str) -> LaunchStatus | None:
+        st = self.r.hget("cluster:status", submission_id)
+        return None if st is None else LaunchStatus(st, "exit code 1" if st == "FAILED" else "")
+
+    def statuses(self) -> dict[str, LaunchStatus]:
+        return {k: LaunchStatus(v) for k, v in self.r.hgetall("cluster:status").items()}
+
+    def stop(self, submission_id: str) -> None:
+        self.r.hset("cluster:status", submission_id, "STOPPED")
+        self.r.hincrby("cluster:stops", submission_id, 1)
+
+    def logs(self, submission_id: str) -> str:
+        return ""
+
+    def nodes(self) -> list[dict[str, float]]:
+        return [{"CPU": self.cpus}]
+
+
+def test_fits_places_workers_per_node() -> None:
+    nodes = [{"CPU": 8.0, "GPU": 2.0}, {"CPU": 8.0, "GPU": 2.0}]
+    pair = Demand(workers=1, cpus=1.0, gpus=2.0)
+    assert fits(nodes, [], Demand(workers=2, cpus=1.0, gpus=2.0))
+    assert not fits(nodes, [], Demand(workers=3, cpus=1.0, gpus=2.0))
+    assert fits(nodes, [pair], pair) and not fits(nodes, [pair, pair], pair)
+    assert not fits([{"CPU": 8.0, "GPU": 1.0}] * 4, [], pair)  # a GPU pair must share a node
+    assert fits([{"CPU": 2.0}], [], Demand(2, 1.0, 0.0)) and not fits([{"CPU": 2.0}], [], Demand(3, 1.0, 0.0))
+
+
+def test_highest_priority_that_fits_runs_first_and_small_jobs_backfill(redis_url: str) -> None:
+    queue = JobStore(connect(redis_url), prefix=PREFIX)
+    big, _ = queue.submit(make_spec("big", workers=4), priority=9)  # needs 4 CPUs, the cluster has 2
+    low, _ = queue.submit(make_spec("low"), priority=1)
+    high, _ = queue.submit(make_spec("high"), priority=5)
+    cluster = RedisCluster(redis_url, cpus=2.0, outcome="RUNNING")
+    d = Dispatcher(queue, cluster)
+    assert d.acquire()
+    assert d.launch_ready() == 2
+    launched = list(cluster.r.hgetall("cluster:launches"))
+    assert launched == [f"{high.id}-1", f"{low.id}-1"]  # priority order; big skipped, not blocking
+    assert queue.get(big.id).state is JobState.QUEUED
+    assert d.launch_ready() == 0  # both CPUs are held by the two running jobs
+
+
+def _serve(url: str, crash: bool) -> None:
+    queue = JobStore(connect(url), prefix=PREFIX)
+    d = Dispatcher(queue, RedisCluster(url, crash_on_submit=crash), interval_s=0.02, lock_ttl_s=1.0)
+    queue.client.hset("tokens", str(os.getpid()), d.token)
+    d.run()
+
+
+def _spawn(url: str, crash: bool = False) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(HERE), "serve", url, "crash" if crash else "ok"])
+
+
+def _wait(pred, timeout: float, what: str) -> float:
+    t0 = time.monotonic()
+    while not pred():
+        if time.monotonic() - t0 > timeout:
+            raise TimeoutError(what)
+        time.sleep(0.05)
+    return time.monotonic() - t0
+
+
+def test_two_racing_dispatchers_launch_each_job_exactly_once(redis_url: str) -> None:
+    queue = JobStore(connect(redis_url), prefix=PREFIX)
+    jobs = [queue.submit(make_spec(f"j{i}"))[0] for i in range(60)]
+    procs = [_spawn(redis_url), _spawn(redis_url)]
+    try:
+        _wait(lambda: queue.client.hlen("cluster:launches") >= 10, 30, "no launches")
+        # Freeze the active one mid-work, past its lock's TTL: the other takes over; then let it run on.
+        holder = queue.client.get(queue.keys.dispatcher_lock)
+        tokens = queue.client.hgetall("tokens")
+        leader = next(p for p in procs if tokens.get(str(p.pid)) == holder)
+        leader.send_signal(signal.SIGSTOP)
+        time.sleep(1.5)
+        leader.send_signal(signal.SIGCONT)
+        _wait(lambda: queue.counts()["SUCCEEDED"] == 60, 60, "jobs not all done")
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGCONT)
+            p.kill()
+            p.wait()
+    launches = {k: int(v) for k, v in queue.client.hgetall("cluster:launches").items()}
+    assert launches == {f"{j.id}-1": 1 for j in jobs}
+    assert all(r.attempt == 1 for r in queue.list())
+
+
+def test_dispatcher_killed_between_claim_and_launch_is_reconciled(redis_url: str) -> None:
+    queue = JobStore(connect(redis_url), prefix=PREFIX)
+    rec, _ = queue.submit(make_spec())
+    crasher = _spawn(redis_url, crash=True)
+    assert crasher.wait(30) == -signal.SIGKILL
+    assert queue.get(rec.id).state is JobState.LAUNCHING  # taken, never launched
+    assert queue.client.hlen("cluster:launches") == 0
+
+    queue2 = JobStore(connect(redis_url), prefix=PREFIX)
+    d = Dispatcher(queue2, RedisCluster(redis_url), interval_s=0.05, lock_ttl_s=1.0)
+    stop = threading.Event()
+    t = threading.Thread(target=d.run, args=(stop,))
+    t0 = time.monotonic()
+    t.start()
+    try:
+        took = _wait(lambda: queue.get(rec.id).state is JobState.SUCCEEDED, 10, "not reconciled")
+    finally:
+        stop.set()
+        t.join()
+    assert time.monotonic() - t0 < 3.0 and took < 3.0  # within the dead one's 1 s lock TTL plus a pass
+    assert queue.client.hgetall("cluster:launches") == {f"{rec.id}-1": "1"}
+
+
+def test_reconcile_adopts_a_running_ray_job_of_a_queued_job_and_retries_a_vanished_one(
+    redis_url: str,
+) -> None:
+    queue = JobStore(connect(redis_url), prefix=PREFIX)
+    cluster = RedisCluster(redis_url, cpus=0.5)  # no room: nothing new may launch in this test
+    queued, _ = queue.submit(make_spec("q"))
+    cluster.r.hset("cluster:status", f"{queued.id}-1", "RUNNING")  # Ray runs it; Redis says QUEUED
+    gone, _ = queue.submit(make_spec("g", retries=1))
+    assert queue.transition(gone, JobState.RUNNING, message="was running")  # Redis says RUNNING; Ray lost it
+    d = Dispatcher(queue, cluster)
+    assert d.acquire()
+    d.reconcile()
+    assert queue.get(queued.id).state is JobState.RUNNING
+    g = queue.get(gone.id)
+    assert (g.state, g.attempt, g.retries_left) == (JobState.QUEUED, 2, 0)
+    assert "not found on the cluster" in g.message
+    assert d.launches == 0
+
+
+def test_failed_job_is_retried_up_to_its_limit_then_fails(redis_url: str) -> None:
+    queue = JobStore(connect(redis_url), prefix=PREFIX)
+    rec, _ = queue.submit(make_spec(retries=2))
+    d = Dispatcher(queue, RedisCluster(redis_url, outcome="FAILED"))
+    assert d.acquire()
+    for _ in range(4):
+        d.step()
+    final = queue.get(rec.id)
+    assert (final.state, final.attempt, final.retries_left) == (JobState.FAILED, 3, 0)
+    assert sorted(queue.client.hgetall("cluster:launches")) == [f"{rec.id}-{a}" for a in (1, 2, 3)]
+    states = [json.loads(f["data"])["state"] for _, f in queue.client.xrange(queue.keys.events(rec.id))]
+    assert states == ["QUEUED"] + ["LAUNCHING", "RUNNING", "QUEUED"] * 2 + ["LAUNCHING", "RUNNING", "FAILED"]
+
+
+def test_cancel_of_a_running_job_stops_it(redis_url: str) -> None:
+    queue = JobStore(connect(redis_url), prefix=PREFIX)
+    rec, _ = queue.submit(make_spec())
+    cluster = RedisCluster(redis_url, outcome="RUNNING")
+    d = Dispatcher(queue, cluster)
+    assert d.acquire()
+    d.step()
+    assert queue.get(rec.id).state is JobState.RUNNING
+    queue.cancel(rec.id)
+    d.step()  # stops the Ray job
+    d.step()  # sees it STOPPED
+    assert cluster.r.hgetall("cluster:stops") == {f"{rec.id}-1": "1"}
+    assert queue.get(rec.id).state is JobState.CANCELLED
+
+
+# -- real Ray -------------------------------------------------------------------------------------------
+
+
+def _entry(job_id: str, attempt: int) -> str:
+    return f"{sys.executable} {HERE} entry {job_id} {attempt}"
+
+
+def _run_entry(job_id: str, attempt: int) -> None:
+    """A Ray Job: a step and a final event, then a stored result; attempt 1 of "flaky" fails."""
+    from alexnet_dist.service.events import job_publisher
+    from alexnet_dist.service.keys import Keys
+    from alexnet_dist.settings import load_settings
+
+    s = load_settings()
+    queue = JobStore(connect(s.redis_url), prefix=s.redis_prefix)
+    rec = queue.get(job_id)
+    print(f"entry {job_id} attempt {attempt}", flush=True)
+    if rec.name == "flaky" and attempt == 1:
+        sys.exit(1)
+    if rec.name == "sleepy":
+        time.sleep(120)
+    pub = job_publisher(s.redis_url, Keys(s.redis_prefix), job_id)
+    pub.publish({"type": "step", "epoch": 1, "epochs": 1, "step": 1, "steps_per_epoch": 1, "loss": 2.3})
+    result = {"top1_error": 0.5, "top5_error": 0.125, "ten_crop": True, "attempt_seen": attempt}
+    pub.publish({"type": "final", **{k: result[k] for k in ("top1_error", "top5_error", "ten_crop")}})
+    pub.close()
+    queue.store_result(job_id, result)
+
+
+@pytest.mark.slow
+def test_ray_jobs_launch_retry_result_and_cancel(redis_url: str, ray_head: RayHead) -> None:
+    from alexnet_dist.service.dispatcher import RayJobsLauncher
+    from alexnet_dist.service.events import read_events, subscribe_results
+
+    queue = JobStore(connect(redis_url), prefix=PREFIX)
+    launcher = RayJobsLauncher(ray_head.dashboard_url)
+    env = {"ALEXNET_DIST_REDIS_URL": redis_url, "ALEXNET_DIST_REDIS_PREFIX": PREFIX}
+    d = Dispatcher(queue, launcher, env=env, entrypoint=_entry, interval_s=0.2, lock_ttl_s=2.0)
+    results = subscribe_results(connect(redis_url), queue.keys, timeout_s=120)
+    flaky, _ = queue.submit(make_spec("flaky", retries=1))
+    sleepy, _ = queue.submit(make_spec("sleepy"))
+    stop = threading.Event()
+    t = threading.Thread(target=d.run, args=(stop,))
+    t.start()
+    try:
+        _wait(lambda: queue.get(sleepy.id).state is JobState.RUNNING, 60, "sleepy not running")
+        _wait(
+            lambda: (launcher.status(sleepy.submission_id) or LaunchStatus("")).state == "RUNNING",
+            60,
+            "not up",
+        )
+        queue.cancel(sleepy.id)
+        _wait(lambda: queue.get(sleepy.id).state is JobState.CANCELLED, 60, "sleepy not cancelled")
+        assert launcher.status(sleepy.submission_id).state == "STOPPED"
+        _wait(
+            lambda: queue.get(flaky.id).state in {JobState.SUCCEEDED, JobState.FAILED}, 120, "flaky not done"
+        )
+    finally:
+        stop.set()
+        t.join()
+    done = queue.get(flaky.id)
+    assert (done.state, done.attempt) == (JobState.SUCCEEDED, 2)
+    assert done.result == {"top1_error": 0.5, "top5_error": 0.125, "ten_crop": True, "attempt_seen": 2}
+    assert launcher.status(f"{flaky.id}-1").state == "FAILED"
+    published = next(results)
+    assert (published["job_id"], published["top5_error"]) == (flaky.id, 0.125)
+    events = [e for _, e in read_events(queue.client, queue.keys, flaky.id)]
+    assert [e["type"] for e in events if e["type"] != "state"] == ["step", "final"]
+    assert [e["state"] for e in events if e["type"] == "state"][-1] == "SUCCEEDED"
+    assert f"entry {flaky.id} attempt 2" in launcher.logs(f"{flaky.id}-2")
+    # A second submit of a launched id is accepted as already launched, not run again.
+    launcher.submit(f"{flaky.id}-2", "false", env)
+    assert launcher.status(f"{flaky.id}-2").state == "SUCCEEDED"
+    assert d.launches == 3
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "serve":
+        _serve(sys.argv[2], sys.argv[3] == "crash")
+    elif sys.argv[1] == "entry":
+        _run_entry(sys.argv[2], int(sys.argv[3]))
