@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from alexnet_dist.data.build.fashion_mnist import load_split
-from alexnet_dist.model.network import PRESETS, AlexNet, AlexNetConfig
+from alexnet_dist.model.config import PRESETS, AlexNetConfig
+from alexnet_dist.model.network import AlexNet
 
 CANDIDATES: dict[str, dict] = {
     "small": {},

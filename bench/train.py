@@ -28,7 +28,8 @@ from alexnet_dist.data.augment import normalize
 from alexnet_dist.data.build.writer import BuildOptions, build
 from alexnet_dist.data.loader import PAD_LABEL, LoaderConfig, make_loader
 from alexnet_dist.data.manifest import load_manifest
-from alexnet_dist.model.network import PRESETS, AlexNet
+from alexnet_dist.model.config import PRESETS
+from alexnet_dist.model.network import AlexNet
 from alexnet_dist.settings import Settings
 from alexnet_dist.spec import parse_spec
 from alexnet_dist.training.loop import run_training

@@ -1,4 +1,4 @@
-"""Classify image files with a trained model: the top-5 classes of each, with probabilities (issue 6).
+"""Classify image files with a trained model: the top-5 classes of each, with probabilities.
 
 MODEL may be any of the things a run leaves behind, tried in this order:
 
@@ -37,6 +37,7 @@ from alexnet_dist.errors import (
     NotFoundError,
     QueueError,
 )
+from alexnet_dist.model.file import Devices
 from alexnet_dist.model.network import AlexNet
 from alexnet_dist.settings import Settings
 
@@ -111,16 +112,27 @@ def _is_url(text: str) -> bool:
     return text.startswith(("s3://", "file://"))
 
 
-def _model_file(url: str, *, endpoint_url: str | None) -> tuple[AlexNet, dict[str, Any]]:
+def load_model_path(
+    path: str | Path, *, devices: Devices = ("cpu", "cpu"), **caffe: Any
+) -> tuple[AlexNet, dict[str, Any]]:
+    """A model file of ours, or a Caffe ``.caffemodel`` (``caffe`` options go to ``load_caffemodel``)."""
+    if Path(path).suffix == ".caffemodel":
+        from alexnet_dist.interop.caffe import load_caffemodel
+
+        return load_caffemodel(path, devices=devices, **caffe)
     from alexnet_dist.model.file import load_model_file
 
+    return load_model_file(path, devices=devices)
+
+
+def _model_file(url: str, *, endpoint_url: str | None) -> tuple[AlexNet, dict[str, Any]]:
     loc = storage.parse_url(url)
     if loc.scheme == "file":
-        return load_model_file(loc.key)
+        return load_model_path(loc.key)
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / Path(loc.key).name  # keeps the suffix: .caffemodel files are read as Caffe
         local.write_bytes(storage.read_bytes(url, endpoint_url=endpoint_url))
-        return load_model_file(local)
+        return load_model_path(local)
 
 
 def load_checkpoint_state(url: str, *, endpoint_url: str | None) -> dict[str, Any]:
@@ -139,9 +151,9 @@ def load_checkpoint_state(url: str, *, endpoint_url: str | None) -> dict[str, An
 def _from_checkpoint(url: str, *, endpoint_url: str | None) -> tuple[AlexNet, dict[str, Any]]:
     """Rebuild the network a checkpoint was training, with the model-file metadata training would write."""
     from alexnet_dist.data.manifest import load_manifest
+    from alexnet_dist.model.config import model_config
     from alexnet_dist.model.file import model_file_meta
     from alexnet_dist.spec import JobSpec
-    from alexnet_dist.training.loop import model_config
 
     state = load_checkpoint_state(url, endpoint_url=endpoint_url)
     spec = JobSpec.from_json(state["spec"])
@@ -185,7 +197,7 @@ def _from_location(where: str, *, endpoint_url: str | None) -> tuple[AlexNet, di
 
 
 def run_url(spec_storage: str | None, run_name: str, *, settings: Settings) -> str:
-    """Where training puts a run (as alexnet_dist.train.resolve_storage does, without creating it)."""
+    """Where training puts a run (as alexnet_dist.training.loop.resolve_storage does, without creating it)."""
     root = (spec_storage or settings.storage_root).rstrip("/")
     if root.startswith("s3://"):
         return f"{root}/{run_name}"
@@ -220,9 +232,7 @@ def load_model(spec: str, *, settings: Settings) -> LoadedModel:
     """MODEL (see the module docstring) -> the network in eval mode, its metadata and class names."""
     path = Path(spec).expanduser()
     if not _is_url(spec) and path.is_file():
-        from alexnet_dist.model.file import load_model_file
-
-        model, meta = load_model_file(path)
+        model, meta = load_model_path(path)
         source = str(path)
     elif _is_url(spec) or path.is_dir():
         where = spec if _is_url(spec) else str(path.absolute())

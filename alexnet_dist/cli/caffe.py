@@ -11,7 +11,8 @@ from rich.table import Table
 
 from alexnet_dist.cli.app import app
 from alexnet_dist.errors import ConfigError
-from alexnet_dist.model.file import load_caffemodel, read_class_names, save_model_file
+from alexnet_dist.interop.caffe import load_caffemodel
+from alexnet_dist.model.file import read_class_names, save_model_file
 from alexnet_dist.model.network import count_parameters
 
 

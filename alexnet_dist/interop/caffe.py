@@ -1,8 +1,8 @@
-"""Caffe's bvlc_alexnet (a binary ``.caffemodel``) read into the two-tower AlexNet (issue 8).
+"""Caffe's bvlc_alexnet (a binary ``.caffemodel``) read into the two-tower AlexNet.
 
 A ``.caffemodel`` is one protobuf ``NetParameter`` (Caffe's ``src/caffe/proto/caffe.proto``): the layers
 with their parameters *and* their weight blobs. No compiled ``caffe_pb2`` is available, so the protobuf
-wire format is decoded by hand (:mod:`alexnet_dist.protowire`), one message level at a time, keeping
+wire format is decoded by hand (:mod:`alexnet_dist.interop.protowire`), one message level at a time, keeping
 weight arrays as zero-copy numpy views of the file's bytes. It reads both layer encodings: ``layer``
 (field 100, string types) and the older ``layers`` (field 2, ``V1LayerParameter`` with enum types, which
 is how bvlc_alexnet was saved).
@@ -30,9 +30,18 @@ import torch
 
 from alexnet_dist.errors import CheckpointError, ConfigError
 from alexnet_dist.interop.protowire import Msg, Truncated
-from alexnet_dist.model.network import AlexNet, AlexNetConfig
+from alexnet_dist.model.config import AlexNetConfig
+from alexnet_dist.model.file import IMAGENET_MEAN_BGR, Devices, imagenet_classes
+from alexnet_dist.model.network import AlexNet
 
-__all__ = ["CaffeLayer", "CaffeNet", "caffe_to_alexnet", "read_caffemodel", "read_mean_file"]
+__all__ = [
+    "CaffeLayer",
+    "CaffeNet",
+    "caffe_to_alexnet",
+    "load_caffemodel",
+    "read_caffemodel",
+    "read_mean_file",
+]
 
 # --------------------------------------------------------------------------------------------------
 # NetParameter -> layers
@@ -396,3 +405,66 @@ def _copy_weights(
             for tower, rows in (("tower_a", slice(0, half)), ("tower_b", slice(half, None))):
                 params[f"{tower}.{n}.weight"].copy_(weight[rows])
                 params[f"{tower}.{n}.bias"].copy_(bias.reshape(-1)[rows])
+
+
+def load_caffemodel(
+    path: str | Path,
+    *,
+    mean: tuple[float, float, float] | None = None,
+    mean_file: str | Path | None = None,
+    classes: list[str] | None = None,
+    resize: int | None = None,
+    devices: Devices = ("cpu", "cpu"),
+) -> tuple[AlexNet, dict[str, Any]]:
+    """A Caffe AlexNet as our model (eval mode) and its model-file metadata.
+
+    The mean pixel (B, G, R on 0-255) is ``mean``, else the channel means of ``mean_file`` (Caffe's
+    ``imagenet_mean.binaryproto``), else the ``mean_value`` in the file's data layer, else the standard
+    ImageNet mean pixel :data:`IMAGENET_MEAN_BGR`. ``classes`` default to the ImageNet names for 1000
+    outputs, else to numbers. Images are warped to ``resize`` square before the centre crop: by default
+    256 for a 227 crop (bvlc_alexnet's training data); 227 is what Caffe's ``classification.cpp`` does.
+    """
+    if mean is not None and mean_file is not None:
+        raise ConfigError("--mean and --mean-file: give one of them, not both")
+    mean_from = "given (--mean)" if mean is not None else None
+    if mean_file is not None:
+        mean, mean_from = read_mean_file(mean_file), f"mean file {Path(mean_file).name}"
+    model, facts = caffe_to_alexnet(read_caffemodel(path), source=Path(path).name)
+    if mean is None:
+        values = facts["input_mean"] or []
+        if len(values) in (1, 3):
+            mean, mean_from = tuple((values * 3)[:3]), "the model's mean_value"  # type: ignore[assignment]
+        else:
+            mean, mean_from = IMAGENET_MEAN_BGR, "standard ImageNet mean pixel: Caffe's ilsvrc_2012_mean"
+    n = model.num_classes
+    if classes is not None and len(classes) != n:
+        raise ConfigError(f"classes: {len(classes)} names for a model with {n} outputs; give one per output")
+    class_names = "given" if classes is not None else "ImageNet (torchvision)" if n == 1000 else "numbers"
+    if classes is None:
+        classes = imagenet_classes() if n == 1000 else [str(i) for i in range(n)]
+    cfg = model.config
+    resize = round(cfg.image_size * 256 / 227) if resize is None else resize
+    if resize < cfg.image_size:
+        raise ConfigError(f"--resize {resize}: smaller than the model's {cfg.image_size}px crop")
+    meta = {
+        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.to_dict().items()},
+        "num_classes": n,
+        "preprocess": {
+            "channel_order": "BGR",  # conv1 was trained on OpenCV's BGR images ...
+            "scale": 255.0,  # ... of 0-255 pixels ...
+            "mean": [float(m) for m in mean],  # ... minus the mean pixel (B, G, R) ...
+            "std": [1.0 / facts["input_scale"]] * 3,  # ... times transform_param.scale (1 in bvlc_alexnet)
+            "resize": resize,  # bvlc_alexnet's training images were warped to 256x256 ...
+            "resize_mode": "warp",
+            "crop": cfg.image_size,  # ... and cropped to 227
+        },
+        "classes": list(classes),
+        "source": {
+            "format": "caffemodel",
+            "file": Path(path).name,
+            **facts,
+            "mean_from": mean_from,
+            "class_names": class_names,
+        },  # fmt: skip
+    }
+    return model.place(devices).eval(), meta

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alexnet_dist.model.network import AlexNet, AlexNetConfig, MaxPool2d, local_response_norm, relu_lrn
+from alexnet_dist.model.config import AlexNetConfig
+from alexnet_dist.model.network import AlexNet, MaxPool2d, local_response_norm, relu_lrn
 
 # (tower layer, grouped?) for the five convolutions; fc layers are split by output rows.
 _CONVS = (("conv1", True), ("conv2", True), ("conv3", False), ("conv4", True), ("conv5", True))

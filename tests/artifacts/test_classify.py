@@ -27,8 +27,9 @@ from alexnet_dist.artifacts.classify import class_names, image_views, load_model
 from alexnet_dist.cli import app
 from alexnet_dist.data import augment
 from alexnet_dist.errors import NotFoundError
+from alexnet_dist.model.config import PRESETS
 from alexnet_dist.model.file import save_model_file
-from alexnet_dist.model.network import PRESETS, build_model
+from alexnet_dist.model.network import build_model
 from alexnet_dist.settings import Settings
 
 MEAN, STD = [72.9, 72.9, 72.9], [90.0, 90.0, 90.0]  # Fashion-MNIST's pixel statistics, about

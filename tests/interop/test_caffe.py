@@ -24,12 +24,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from alexnet_dist.artifacts.classify import load_model_path
 from alexnet_dist.errors import CheckpointError, ConfigError
-from alexnet_dist.interop.caffe import read_caffemodel, read_mean_file
+from alexnet_dist.interop.caffe import load_caffemodel, read_caffemodel, read_mean_file
 from alexnet_dist.model.file import (
     IMAGENET_MEAN_BGR,
     imagenet_classes,
-    load_caffemodel,
     load_model_file,
     preprocess_image,
     read_class_names,
@@ -453,7 +453,7 @@ def test_model_file_round_trip(tmp_path: Path, tiny_weights: dict[str, Any]) -> 
     raw = torch.load(saved, weights_only=True)  # plain data only
     assert sorted(raw) == ["classes", "config", "model", "num_classes", "preprocess", "source"]
     again, meta2 = load_model_file(saved)
-    direct, _ = load_model_file(path)  # a .caffemodel directly
+    direct, _ = load_model_path(path)  # a .caffemodel directly
     assert meta2 == json.loads(json.dumps(meta))  # and all of the metadata is JSON
     x = torch.randn(2, 3, 99, 99) * 60
     with torch.no_grad():

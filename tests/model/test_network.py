@@ -14,10 +14,9 @@ from torch.nn.parallel import DistributedDataParallel
 from alexnet_dist.errors import ConfigError
 from alexnet_dist.kernels import lrn as lrn_kernel
 from alexnet_dist.kernels import maxpool as maxpool_kernel
+from alexnet_dist.model.config import PRESETS, AlexNetConfig
 from alexnet_dist.model.network import (
-    PRESETS,
     AlexNet,
-    AlexNetConfig,
     MaxPool2d,
     build_model,
     count_parameters,
