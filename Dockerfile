@@ -28,7 +28,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # rsync: Ray's cluster launcher syncs files into the container with `rsync -e 'docker exec'`.
 # redis-server: lets the head of a small cluster run the job store itself (cluster/ray-aws.yaml).
 # tini: reaps the processes Ray spawns when the container's main process is a shell.
-# gcc, libc6-dev, libjpeg-dev: build the CPU kernels (alexnet_dist/csrc: ReLU+LRN, crop-only JPEG decode).
+# gcc, libc6-dev, libjpeg-dev: build the CPU kernels once, at install (alexnet_dist/kernels/csrc).
 RUN apt-get update \
     && apt-get install -y --no-install-recommends rsync redis-server tini gcc libc6-dev libjpeg-dev \
     && rm -rf /var/lib/apt/lists/*
@@ -45,7 +45,8 @@ COPY pyproject.toml ./
 COPY cluster/install.sh cluster/constraints.txt cluster/check_requirements.py ./cluster/
 RUN cluster/install.sh deps
 
-# The package (--no-deps) and a check that it imports, meets every pin and its CLI runs.
+# The package (--no-deps) with its C kernels built, and a check that it imports, meets every pin,
+# its CLI runs and its kernels load.
 COPY README.md ./
 COPY alexnet_dist ./alexnet_dist
 RUN cluster/install.sh package check \

@@ -15,11 +15,13 @@ S3 ?= 0
 
 .PHONY: setup system-packages demo test lint bench clean-demo
 
-setup: system-packages $(VENV)/.installed
+KERNELS := alexnet_dist/kernels/lib/BUILD.json
+
+setup: system-packages $(VENV)/.installed $(KERNELS)
 
 # Debian packages the project needs: a Redis server, the real Fashion-MNIST data set, and a C compiler
-# and libjpeg's headers for the CPU kernels (alexnet_dist/csrc: fused ReLU+LRN, crop-only JPEG decode;
-# without them the model and loader fall back to torch ops, slower, same numbers).
+# and libjpeg's headers for the CPU kernels (alexnet_dist/kernels/csrc, built once by setup; without
+# them the model and loader fall back to torch ops, slower, same numbers).
 system-packages:
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
@@ -38,6 +40,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
+
+# The C kernels, built once for this machine's CPU (again when a source changes); nothing compiles at
+# run time.
+$(KERNELS): $(VENV)/.installed $(wildcard alexnet_dist/kernels/csrc/*.c)
+	$(PY) -m alexnet_dist.kernels.library
 
 demo: setup
 	EPOCHS="$(EPOCHS)" SEED="$(SEED)" S3="$(S3)" PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh

@@ -4,7 +4,7 @@
 # The Dockerfile runs this script in two layers so that a code change does not reinstall torch:
 #   cluster/install.sh deps            # dependencies of pyproject.toml, pinned by cluster/constraints.txt
 #   cluster/install.sh package check   # the package itself (--no-deps), then a check that it works
-# With no argument it runs all three phases. tests/test_cluster.py runs the same phases on a CI machine
+# With no argument it runs all three phases. tests/cluster/ runs the same phases on a CI machine
 # in a fresh venv that sees the project's .venv, with PIP_NO_INDEX=1: there `deps` must find every pin
 # already satisfied, and `package` + `check` really install and run the package.
 set -euo pipefail
@@ -40,6 +40,12 @@ package() {
     # --no-deps: the dependencies came from `deps` (their own cached layer in the image).
     # --ignore-installed: never uninstall a copy that lives outside this environment.
     pip install --no-deps --no-build-isolation --ignore-installed "$root"
+    # The C kernels, built once here so that no node compiles at run time. --portable: an image runs on
+    # CPUs other than the one that built it (ALEXNET_DIST_NATIVE_KERNELS=1 builds for this one).
+    # Run from / so that the installed package is the one built into, not a source tree in the cwd.
+    local portable="--portable"
+    [ "${ALEXNET_DIST_NATIVE_KERNELS:-0}" = 1 ] && portable=""
+    (cd / && "$PYTHON" -m alexnet_dist.kernels.library $portable)
 }
 
 check() {
@@ -48,6 +54,9 @@ check() {
     bin="$("$PYTHON" -c 'import sys, os; print(os.path.dirname(sys.executable))')"
     "$bin/alexnet-dist" --help >/dev/null
     echo "check: $bin/alexnet-dist --help ran"
+    (cd / && "$PYTHON" -c 'from alexnet_dist.kernels import lrn, maxpool
+assert lrn.available() and maxpool.available(), "C kernels not loadable"')
+    echo "check: the C kernels load"
 }
 
 phases=("$@")

@@ -46,14 +46,14 @@ _MESSAGE = 200
 
 def _self_test(lib: ctypes.CDLL) -> bool:
     """A mirrored crop through ``lib`` equals torchvision's decode of the same JPEG, cropped and mirrored."""
-    from alexnet_dist.data.augment import (
-        decode_image,  # torchvision's decoder (augment imports torchvision.io)
-    )
+    import torchvision.io as tvio  # registers torchvision's image ops
 
     g = torch.Generator().manual_seed(0)
     img = (torch.rand(3, 40, 48, generator=g) * 255).to(torch.uint8)
-    data = bytes(torch.ops.image.encode_jpeg(img, 90).numpy())  # the op: the wrapper warns (deprecation)
-    ref = decode_image(data)[:, 5:37, 7:39].flip(-1).permute(1, 2, 0)
+    data = torch.ops.image.encode_jpeg(img, 90)  # the ops, not the wrappers: those warn (deprecation)
+    ref = torch.ops.image.decode_image(data, tvio.ImageReadMode.RGB.value, False)
+    ref = ref[:, 5:37, 7:39].flip(-1).permute(1, 2, 0)
+    data = bytes(data.numpy())
     out = torch.empty(32, 32, 3, dtype=torch.uint8)
     message = ctypes.create_string_buffer(_MESSAGE)
     if lib.jpeg_decode_crop(data, len(data), 5, 7, 32, 32, 1, out.data_ptr(), message, _MESSAGE):
@@ -64,7 +64,7 @@ def _self_test(lib: ctypes.CDLL) -> bool:
 
 @functools.cache
 def _load() -> ctypes.CDLL | None:
-    lib = library.load("jpeg_crop", SIGNATURES, libs=("-ljpeg",))
+    lib = library.load("jpeg_crop", SIGNATURES)
     if lib is not None and not _self_test(lib):
         log.warning("the crop-only JPEG decoder does not match torchvision's; decoding whole images")
         return None

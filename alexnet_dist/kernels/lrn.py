@@ -27,7 +27,7 @@ SIGNATURES: library.Signatures = {
 
 
 def _load() -> ctypes.CDLL | None:
-    return library.load("lrn", SIGNATURES, extra_flags=("-ffast-math",), libs=("-lm",))
+    return library.load("lrn", SIGNATURES)
 
 
 def available() -> bool:
