@@ -52,10 +52,12 @@ demo: setup
 test: setup
 	$(BIN)/ruff check alexnet_dist tests bench
 	$(BIN)/ruff format --check alexnet_dist tests bench
+	$(BIN)/lint-imports pyproject.toml
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest -q
 
 lint: setup
 	$(BIN)/ruff check alexnet_dist tests bench && $(BIN)/ruff format --check alexnet_dist tests bench
+	$(BIN)/lint-imports pyproject.toml
 
 bench: setup
 	$(PY) bench/model.py

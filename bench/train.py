@@ -32,7 +32,7 @@ from alexnet_dist.model.config import PRESETS
 from alexnet_dist.model.network import AlexNet
 from alexnet_dist.settings import Settings
 from alexnet_dist.spec import parse_spec
-from alexnet_dist.training.loop import run_training
+from alexnet_dist.training.driver import run_training
 
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 

@@ -25,7 +25,7 @@ def train(
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """Train SPEC on the Ray cluster at RAY_ADDRESS (or a local Ray); resumes the run if it exists."""
-    from alexnet_dist.training.loop import run_training
+    from alexnet_dist.training.driver import run_training
 
     spec = load_spec(spec_path, set_)
     settings = load_settings()

@@ -18,7 +18,8 @@ from alexnet_dist.errors import ClusterError, ConfigError
 from alexnet_dist.model.network import build_model
 from alexnet_dist.settings import Settings
 from alexnet_dist.spec import JobSpec
-from alexnet_dist.training.loop import run_training, training_loss
+from alexnet_dist.training.driver import run_training
+from alexnet_dist.training.loop import training_loss
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,197 @@
+"""The Ray Train driver: the TorchTrainer for a spec, its storage, and the run's result.
+
+Every Ray Train worker runs :func:`alexnet_dist.training.loop.train_loop_per_worker` with a JSON-able config
+(the spec travels as JSON). The trainer asks for ``scaling.workers`` workers, each with its CPUs and (on
+GPU nodes) its GPUs, and keeps checkpoints under ``checkpoint.storage`` (a local path or ``s3://``).
+Starting the same run name again resumes from its newest committed checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from alexnet_dist.errors import ClusterError, ConfigError
+from alexnet_dist.events import EventTarget
+from alexnet_dist.settings import Settings
+from alexnet_dist.spec import JobSpec
+from alexnet_dist.training.loop import train_loop_per_worker
+
+__all__ = ["TrainResult", "build_trainer", "resolve_storage", "run_training"]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    top1_error: float  # final evaluation: ten-crop when ``ten_crop`` (section 4.1), else central crop
+    top5_error: float
+    ten_crop: bool
+    val_top1_error: float | None  # the last per-epoch validation (central crop)
+    val_top5_error: float | None
+    val_samples: int
+    epochs: int
+    steps: int
+    seconds: float  # wall time of fit(), including Ray start-up and restarts
+    train_seconds: float  # time spent in training steps, summed over the run's epochs
+    images_per_s: float  # training throughput of the last epoch, all workers together
+    model_url: str
+    checkpoint_url: str | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class _Storage:
+    url: str  # file:///abs/path or s3://bucket/prefix: where runs live
+    storage_path: str  # what RunConfig wants: an absolute path, or bucket/prefix for S3
+    filesystem: Any  # a pyarrow filesystem for S3, else None
+
+
+def resolve_storage(url: str, *, settings: Settings) -> _Storage:
+    if url.startswith("s3://"):
+        import pyarrow.fs as pafs
+
+        bucket_prefix = url[len("s3://") :].strip("/")
+        if not bucket_prefix:
+            raise ConfigError(f"checkpoint.storage={url!r}: needs a bucket, e.g. s3://my-bucket/runs")
+        kwargs: dict[str, Any] = {}
+        if settings.s3_endpoint_url:
+            scheme, _, host = settings.s3_endpoint_url.partition("://")
+            kwargs.update(endpoint_override=host.rstrip("/"), scheme=scheme)
+        if settings.aws_region:
+            kwargs["region"] = settings.aws_region
+        return _Storage(url.rstrip("/"), bucket_prefix, pafs.S3FileSystem(**kwargs))
+    if "://" in url and not url.startswith("file://"):
+        raise ConfigError(f"checkpoint.storage={url!r}: use s3://bucket/prefix, file:///path or a local path")
+    path = os.path.abspath(url.removeprefix("file://"))
+    os.makedirs(path, exist_ok=True)
+    return _Storage(f"file://{path}", path, None)
+
+
+def build_trainer(
+    spec: JobSpec,
+    *,
+    run_name: str,
+    settings: Settings,
+    events: EventTarget | None = None,
+    fault: dict[str, Any] | None = None,
+):
+    """The TorchTrainer for ``spec``: N workers, each with its device pair, checkpoints in storage.
+
+    ``fault`` (tests only) makes one worker die with ``os._exit`` at a global step, once:
+    ``{"rank": 1, "global_step": 5, "marker": "/tmp/x"}`` (the marker file records that it happened).
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    store = resolve_storage(spec.checkpoint.storage or settings.storage_root, settings=settings)
+    gpus = spec.scaling.gpus_per_worker
+    resources = {"CPU": spec.scaling.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
+    config = {
+        "spec": spec.to_json(),
+        "run_name": run_name,
+        "events": events.to_dict() if events is not None else None,
+        "s3_endpoint_url": settings.s3_endpoint_url,
+        "model_url": f"{store.url}/{run_name}/model.pt",
+        "fault": fault,
+    }
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(
+            num_workers=spec.scaling.workers, use_gpu=gpus > 0, resources_per_worker=resources
+        ),
+        torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=store.storage_path,
+            storage_filesystem=store.filesystem,
+            failure_config=FailureConfig(max_failures=spec.retries),
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
+        ),
+    ), config
+
+
+def run_training(
+    spec: JobSpec,
+    *,
+    run_name: str,
+    settings: Settings,
+    events: EventTarget | None = None,
+    resume: bool = True,
+    fault: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Train ``spec`` on the Ray cluster at ``settings.ray_address`` (or a local one) and return the result.
+
+    Starting the same ``run_name`` again resumes from its newest good checkpoint; ``resume=False`` refuses
+    to reuse a run that already has checkpoints.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        try:
+            ray.init(address=settings.ray_address, log_to_driver=True, configure_logging=False)
+        except (ConnectionError, RuntimeError) as err:
+            raise ClusterError(
+                f"Ray at {settings.ray_address or 'local'}: cannot connect ({err}); "
+                "check RAY_ADDRESS or start one with `ray start --head`"
+            ) from None
+    trainer, config = build_trainer(spec, run_name=run_name, settings=settings, events=events, fault=fault)
+    if not resume:
+        _refuse_existing_run(config, settings)
+    t0 = time.perf_counter()
+    import ray.train
+
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as err:
+        first = (str(err).strip().splitlines() or ["?"])[0]
+        raise ClusterError(
+            f"training run {run_name!r} failed after {spec.retries} retries ({first}); "
+            f"its checkpoints are kept: run it again to resume"
+        ) from err
+    if result.error is not None:
+        raise ClusterError(f"training run {run_name!r} failed: {result.error}")
+    final = json.loads(result.metrics["final"])
+    ckpt = result.checkpoint
+    history = json.loads(result.metrics["history"])
+    return TrainResult(
+        top1_error=final["top1_error"],
+        top5_error=final["top5_error"],
+        ten_crop=final["ten_crop"],
+        val_top1_error=final["val_top1_error"],
+        val_top5_error=final["val_top5_error"],
+        val_samples=final["val_samples"],
+        epochs=final["epochs"],
+        steps=final["steps"],
+        seconds=time.perf_counter() - t0,
+        train_seconds=final["train_seconds"],
+        images_per_s=final["images_per_s"],
+        model_url=final["model_url"],
+        checkpoint_url=_checkpoint_url(ckpt),
+        history=history,
+    )
+
+
+def _checkpoint_url(ckpt: Any) -> str | None:
+    if ckpt is None:
+        return None
+    fs_name = type(ckpt.filesystem).__name__ if ckpt.filesystem is not None else ""
+    return f"s3://{ckpt.path}" if "S3" in fs_name else f"file://{ckpt.path}"
+
+
+def _refuse_existing_run(config: dict[str, Any], settings: Settings) -> None:
+    from alexnet_dist import storage
+
+    run_url = config["model_url"].rsplit("/", 1)[0]
+    if any(
+        "checkpoint_" in u for u in storage.list_prefix(run_url + "/", endpoint_url=settings.s3_endpoint_url)
+    ):
+        raise ConfigError(
+            f"{run_url}: run {config['run_name']!r} already has checkpoints; resume it, or "
+            "choose another name (--set name=...)"
+        )

@@ -1,0 +1,66 @@
+"""What the training loop needs from whatever runs it: its rank, its devices, the checkpoint to resume
+from, and a way to report metrics with a checkpoint. :class:`RaySession` is Ray Train's.
+
+The loop sees only this interface, so the same ``run_worker`` can run under another runner (one local
+process, torchrun) without knowing about Ray.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+from alexnet_dist.errors import ClusterError
+
+__all__ = ["RaySession", "Session"]
+
+
+class Session(Protocol):
+    rank: int
+    world_size: int
+
+    def devices(self, mode: str) -> tuple[torch.device, torch.device]:
+        """The worker's pair for ``scaling.devices``: two GPUs, one GPU twice, or the CPU twice."""
+        ...
+
+    def latest_checkpoint(self) -> Any | None:
+        """The run's newest committed checkpoint (a ``ray.train.Checkpoint``-like object), or None."""
+        ...
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, name: str | None) -> None:
+        """A barrier over every rank; rank 0 passes the directory of the checkpoint it wrote."""
+        ...
+
+
+class RaySession:
+    """The session of a Ray Train worker (``ray.train.get_context()``)."""
+
+    def __init__(self) -> None:
+        import ray.train
+
+        self._train = ray.train
+        ctx = ray.train.get_context()
+        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+
+    def devices(self, mode: str) -> tuple[torch.device, torch.device]:
+        if mode == "cpu":
+            return torch.device("cpu"), torch.device("cpu")
+        import ray.train.torch
+
+        devs = ray.train.torch.get_devices()
+        if mode == "gpu-pair":
+            if len(devs) < 2:
+                raise ClusterError(f"scaling.devices='gpu-pair' but this worker got {len(devs)} GPU(s)")
+            return devs[0], devs[1]
+        return devs[0], devs[0]
+
+    def latest_checkpoint(self) -> Any | None:
+        return self._train.get_checkpoint()
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, name: str | None) -> None:
+        if checkpoint_dir is None:
+            self._train.report(metrics, checkpoint=None)
+            return
+        checkpoint = self._train.Checkpoint.from_directory(checkpoint_dir)
+        self._train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
