@@ -6,7 +6,7 @@ the median step time of each is reported. Also times ReLU+LRN alone: our fused C
 formulation (GPUs, no C compiler) and torch.nn.LocalResponseNorm; and max-pooling alone: our C kernel
 against ``F.max_pool2d``.
 
-Prints one JSON object. Targets (issue 2): two-tower overhead <= 5% against the grouped single-module
+Prints one JSON object. Targets: two-tower overhead <= 5% against the grouped single-module
 reference; >= 0.9x torchvision's AlexNet (0.71 GMACs a forward against our 0.72).
 """
 

@@ -1,4 +1,4 @@
-"""Learning curves of a run as a PNG: training loss, validation top-1 / top-5 error, learning rate (issue 6).
+"""Learning curves of a run as a PNG: training loss, validation top-1 / top-5 error, learning rate.
 
 The per-epoch figures come from the job's ``epoch`` events in Redis (a running job's too), else from its
 stored result; or, without Redis, from the ``history`` the newest checkpoint of a run holds (give a

@@ -210,7 +210,7 @@ def trained(tmp_path_factory, redis_server, s3_server):
     from alexnet_dist.service.connection import connect
     from alexnet_dist.service.events import job_events
     from alexnet_dist.service.store import JobState, JobStore
-    from alexnet_dist.training.loop import run_training
+    from alexnet_dist.training.driver import run_training
 
     root = tmp_path_factory.mktemp("classify")
     manifests = {}
