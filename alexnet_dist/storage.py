@@ -79,8 +79,8 @@ def join(base: str, name: str) -> str:
 _clients: dict[tuple[int, str | None, str | None], object] = {}
 _clients_lock = threading.Lock()
 # One boto3 session, inherited by forked processes (it holds no connection): a client made from a session
-# that has loaded the S3 service model costs ~3 ms of CPU, from a new session ~75 ms; every loader worker
-# makes one per epoch (issue 3: that was 40 us per image of a 4,000-image epoch on 2 workers).
+# that has loaded the S3 service model is cheap, from a new session it costs tens of times more, and every
+# loader worker makes one per epoch.
 _session = None
 
 

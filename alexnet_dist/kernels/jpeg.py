@@ -1,15 +1,15 @@
-"""Decode only a view's crop of a JPEG, straight into its batch slot (``csrc/jpeg_crop.c``; issue 3).
+"""Decode only a view's crop of a JPEG, straight into its batch slot (``csrc/jpeg_crop.c``).
 
 The loader's training and central-crop views need 227x227 of a 256x256 image: decoding just those rows
 and iMCU columns skips ~20% of the decoder's work, and writing the rows (mirrored when flipped) into the
 batch skips a copy of the whole decoded image. :func:`decode_view_into` reads the header once and places
-the crop from the sample's random draws. A mirrored 227 crop costs a steady ~132 us (bench/data.py),
-where torchvision's whole decode takes ~145 and the crop/flip copy ~35 more.
+the crop from the sample's random draws (bench/data.py compares it with torchvision's whole decode plus
+the crop/flip copy).
 
-Built on first use against the system's libjpeg-turbo (Debian: ``libjpeg62-turbo-dev``, installed by
-``make setup``) by :mod:`alexnet_dist.native`, and used only once a self-test against torchvision's decoder
+Built against the system's libjpeg-turbo (Debian: ``libjpeg62-turbo-dev``, installed by ``make setup``)
+by :mod:`alexnet_dist.kernels.library`, and used only once a self-test against torchvision's decoder
 passes. Without it, :func:`available` is False and the loader decodes whole images with torchvision:
-slower, same pixels (tests/test_jpeg_native.py compares them).
+slower, same pixels (tests/kernels/test_jpeg_kernel.py compares them).
 """
 
 from __future__ import annotations
@@ -82,8 +82,8 @@ def is_jpeg(data: bytes | bytearray) -> bool:
 def _pointer(data: bytes | bytearray) -> Any:
     """The bytes' address without a copy (a bytearray is borrowed through the buffer protocol).
 
-    Not ``(c_char * len(data)).from_buffer``: ctypes makes (and caches) an array type per length, ~17 us
-    each time a new length comes, which every JPEG in a shard is."""
+    Not ``(c_char * len(data)).from_buffer``: ctypes makes (and caches) an array type per length, which
+    is slow each time a new length comes, and every JPEG in a shard brings one."""
     if isinstance(data, bytearray):
         return ctypes.byref(ctypes.c_char.from_buffer(data))  # holds the buffer until the call returns
     return ctypes.c_char_p(data)  # points into the bytes object itself
@@ -118,7 +118,7 @@ def decode_view_into(
     dst: torch.Tensor, data: bytes | bytearray, draws: tuple[int, int] | None, flip: bool = False
 ) -> bool:
     """Decode a square view into ``dst`` [S, S, 3]: at (top draw mod (h-S+1), left draw mod (w-S+1)) as
-    :func:`alexnet_dist.augment.train_params` places it, or the centre when ``draws`` is None; mirrored
+    :func:`alexnet_dist.data.augment.train_params` places it, or the centre when ``draws`` is None; mirrored
     when ``flip``. One header read. False (nothing written) when the image is smaller than the view;
     ValueError (libjpeg's message) on corrupt or truncated data."""
     _check_slot(dst)
@@ -142,8 +142,8 @@ def decode_views_into(
 ) -> tuple[list[int], list[str]]:  # fmt: skip
     """:func:`decode_view_into` for many JPEGs in one call: the views that decode fill ``dst`` [N, S, S, 3]
     from its first slot, in order. Per JPEG: status 0 (written), 1 (corrupt: its libjpeg message) or 2
-    (smaller than the view: nothing written), and the message ("" unless 1). One call per batch saves the
-    ~5 us a call of Python and ctypes per image (issue 3)."""
+    (smaller than the view: nothing written), and the message ("" unless 1). One call per batch, not per
+    image: the Python and ctypes cost of a call is paid once."""
     n = len(datas)
     if dst.dim() != 4 or not dst.is_contiguous() or dst.shape[0] < n:
         raise ValueError(
@@ -158,7 +158,7 @@ def decode_views_into(
     lens = np.fromiter(map(len, datas), np.int64, n)
     offsets = np.zeros(n, np.int64)
     np.cumsum(lens[:-1], out=offsets[1:])
-    blob = b"".join(datas)  # ~400 KB a batch of 256 px JPEGs: ~30 us, <1 us an image
+    blob = b"".join(datas)  # one copy of the batch's bytes: cheap beside one call per image
     draw_array = np.asarray(draws, np.uint64).reshape(n, 2) if draws is not None else None
     flip_array = np.asarray(flips, np.uint8).reshape(n) if flips is not None else None
     status = np.zeros(n, np.int32)

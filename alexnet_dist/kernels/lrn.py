@@ -1,11 +1,11 @@
-"""The fused ReLU + LRN kernel for CPU tensors (``csrc/lrn.c``), compiled on first use, called via ctypes.
+"""The fused ReLU + LRN kernel for CPU tensors (``csrc/lrn.c``), built at install, called via ctypes.
 
 Why C and not torch ops: on the CPU the LRN is memory-bound, and a chain of torch ops makes a pass over
 memory per op (ReLU, square, the 1x1 band conv, pow, multiply; as many again backward). The kernel does
 each direction in one pass over its inputs and outputs (bench/model.py measures both).
 
-Built on first use by :mod:`alexnet_dist.native` (``-ffast-math``: the square roots vectorise). Without a C
-compiler, :func:`available` is False and the model uses its torch formulation: slower, same numbers.
+Built by :mod:`alexnet_dist.kernels.library` (``-ffast-math``: the square roots vectorise). Without the
+built library, :func:`available` is False and the model uses its torch formulation: slower, same numbers.
 """
 
 from __future__ import annotations
@@ -75,5 +75,5 @@ def relu_lrn(
 ) -> torch.Tensor:
     """``lrn(relu(x))`` (or ``lrn(x)`` with ``relu=False``) in one pass each way.
 
-    Needs :func:`available` and :func:`supports`; ``alexnet_dist.model.relu_lrn`` checks both."""
+    Needs :func:`available` and :func:`supports`; ``alexnet_dist.model.network.relu_lrn`` checks both."""
     return _ReluLRN.apply(x, size, alpha, beta, k, relu)

@@ -1,10 +1,10 @@
-"""Overlapping max-pooling for CPU tensors (``csrc/maxpool.c``), compiled on first use, called via ctypes.
+"""Overlapping max-pooling for CPU tensors (``csrc/maxpool.c``), built at install, called via ctypes.
 
-Why: torch's CPU ``max_pool2d`` took a sixth of the small preset's training step (~12 ns an output) and
-keeps an int64 index per output. The kernel keeps one byte per output (the argmax's place in its window)
-and vectorises across an output row. Its outputs and gradients equal torch's bit for bit (same scan order,
-same tie and NaN rule; tests/test_model.py). Without a C compiler, :func:`available` is False and the
-model uses ``torch.nn.functional.max_pool2d``.
+Why: torch's CPU ``max_pool2d`` branches on every comparison (half of them mispredicted on real
+activations) and keeps an int64 index per output. The kernel keeps one byte per output (the argmax's place
+in its window) and vectorises across an output row. Its outputs and gradients equal torch's bit for bit
+(same scan order, same tie and NaN rule; tests/model). Without the built library, :func:`available` is
+False and the model uses ``torch.nn.functional.max_pool2d``.
 """
 
 from __future__ import annotations

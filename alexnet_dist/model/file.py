@@ -1,4 +1,4 @@
-"""Model files: a trained network with what it takes to use it, as one plain dict (issue 8).
+"""Model files: a trained network with what it takes to use it, as one plain dict.
 
 A model file is ``torch.save`` of::
 

@@ -59,19 +59,17 @@ def count_parameters(model: nn.Module) -> int:
 # --------------------------------------------------------------------------------------------------
 # Local response normalization
 #
-# torch.nn.LocalResponseNorm pads and runs avg_pool3d over the squared input; on conv1's output
-# (batch 32, 96x55x55) forward+backward takes ~0.9 s on our 2 cores, a third of a training step.
+# torch.nn.LocalResponseNorm pads and runs avg_pool3d over the squared input: on conv1's output it is a
+# large share of a CPU training step (bench/model.py measures it).
 # The sum over n neighbouring channels is a banded C x C matrix applied at every pixel: a 1x1
 # convolution, which the convolution kernels run at close to memory speed, and which takes alpha
 # and k as its weight and bias. The backward pass has a closed form through the same band:
 #   y_c = x_c * s_c^-beta,  s_c = k + alpha * sum_{j in W(c)} x_j^2
 #   dx_j = g_j * s_j^-beta - 2 alpha beta x_j * sum_{c: j in W(c)} g_c x_c s_c^-beta / s_c
-# so forward and backward are five memory passes each, against ~16 for a chain of slice additions
-# (measured: 0.15 s against 0.38 s for one tower's conv1 maps, batch 32; bench/model.py).
-# On the CPU, relu_lrn goes one step further: a C kernel (csrc/lrn.c) fuses the ReLU before the LRN and
-# makes one pass each way (ReLU+LRN on both towers' conv1 maps, batch 32: 0.049 s against 0.205 s for
-# this formulation; bench/model.py); this formulation stays as the reference it is tested against and
-# as the path for GPUs, other dtypes and machines without a C compiler.
+# so forward and backward are five memory passes each, against ~16 for a chain of slice additions.
+# On the CPU, relu_lrn goes one step further: a C kernel (kernels/csrc/lrn.c) fuses the ReLU before the
+# LRN and makes one pass each way (bench/model.py compares the three); this formulation stays as the
+# reference it is tested against and as the path for GPUs, other dtypes and machines without the kernel.
 
 
 def _band(channels: int, size: int, x: torch.Tensor) -> torch.Tensor:
@@ -145,10 +143,9 @@ class LocalResponseNorm(nn.Module):
 class MaxPool2d(nn.MaxPool2d):
     """Overlapping max-pooling (section 3.4); on the CPU through the C kernel of ``maxpool_kernel``.
 
-    torch's CPU kernel took ~30 ns an output, branching on every comparison: a sixth of the small
-    preset's training step and 34 ms of the paper network's at batch 32 for pool1 alone (the kernel: 4.5
-    ms). Same outputs and gradients bit for bit; tiny maps (pool5 of the small preset) stay with torch,
-    whose per-call cost is lower.
+    torch's CPU kernel branches on every comparison, and half of them go either way on real activations
+    (bench/model.py and bench/kernels.py measure what the kernel saves). Same outputs and gradients bit
+    for bit; tiny maps (pool5 of the small preset) stay with torch, whose per-call cost is lower.
     """
 
     NATIVE_MIN_ELEMENTS = 32768

@@ -1,4 +1,4 @@
-/* Decode only the crop a training or evaluation view needs, straight into the batch (issue 3).
+/* Decode only the crop a training or evaluation view needs, straight into the batch.
  *
  * A 227x227 crop of a 256x256 JPEG needs 79% of its pixels. libjpeg-turbo can skip the rows above the
  * crop (jpeg_skip_scanlines), stop after its last row (jpeg_abort_decompress) and decode only the iMCU
@@ -102,8 +102,8 @@ static int decode_rows(struct jpeg_decompress_struct *cinfo, int top, int left, 
     const size_t shift = ((size_t)left - x) * 3, bytes = (size_t)crop_w * 3;
     /* Rows go through a ring of RING row buffers, not one: with a single buffer at a fixed address, the
      * colour converter's stores into it and its loads from libjpeg's own buffers fell on the same 4 KB
-     * offsets in some processes (depending on where malloc put them), and the decode ran at ~225 us
-     * instead of ~120. Eight rows at a stride that is not a multiple of 4 KB: a steady ~132 us (issue 3). */
+     * offsets in some processes (depending on where malloc put them), and the decode ran almost twice as
+     * slow there. Eight rows at a stride that is not a multiple of 4 KB: the same speed in every process. */
     size_t stride = (size_t)cinfo->output_width * 3 + 16; /* + 16: mirror_row reads past the row */
     if (stride % 4096 < 512 || stride % 4096 > 3584) stride += 1024; /* the rows must spread over 4 KB */
     *row = malloc(stride * RING);
@@ -208,7 +208,7 @@ int jpeg_decode_view(const uint8_t *data, unsigned long len, int crop, int cente
  * from draws[2i], draws[2i+1] (NULL: every view at the centre) and mirrored when flips[i] (NULL: none).
  * The views that decode go to consecutive slots of dst, slot_bytes apart, in order; status[i] is 0 for
  * those, 1 for a corrupt image (its message at messages + i * message_len) and 2 for one smaller than the
- * crop (both left out of dst). Returns the number of slots written. Python's per-image call cost ~5 us. */
+ * crop (both left out of dst). Returns the number of slots written: one call a batch, not one an image. */
 int jpeg_decode_views(int n, const uint8_t *blob, const int64_t *offsets, const int64_t *lens, int crop,
                       const uint64_t *draws, const uint8_t *flips, uint8_t *dst, int64_t slot_bytes, int32_t *status,
                       char *messages, int message_len) {

@@ -1,7 +1,7 @@
 /* Overlapping max-pooling (Krizhevsky et al. 2012, section 3.4) on the CPU: forward and backward.
  *
- * torch's CPU max_pool2d spends ~12 ns an output on the small preset's maps (a sixth of its training
- * step) and stores an int64 index per output. Here the window's argmax is one byte (its position
+ * torch's CPU max_pool2d branches on every comparison (mispredicted half the time on real activations)
+ * and stores an int64 index per output. Here the window's argmax is one byte (its position
  * kh * k + kw in the window) and an output row is computed as k * k passes of strided loads over the
  * row, which the compiler vectorises.
  *
@@ -33,7 +33,7 @@ typedef struct {
 
 /* best[i] takes v[i] where v[i] is greater or NaN (torch's rule), and at[i] records `pos` there.
  * Written over long arrays so the compiler makes it compares and blends: a branch per element would
- * mispredict half the time on real activations (~25 ns an output). */
+ * mispredict half the time on real activations. */
 static inline void fold(float *restrict best, uint8_t *restrict at, const float *restrict v, int64_t n,
                         uint8_t pos) {
     for (int64_t i = 0; i < n; i++) {
@@ -125,7 +125,7 @@ static int run(job_t base, int64_t planes, int threads, void (*fn)(job_t *), voi
     int started[MAX_THREADS] = {0};
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     const int64_t per = (int64_t)base.h * base.w;
-    const int64_t cap = planes * per / 262144 + 1; /* a thread costs ~20 us to start: give each >= 256K inputs */
+    const int64_t cap = planes * per / 262144 + 1; /* starting a thread costs: give each >= 256K inputs */
     if (threads > cap) threads = (int)cap;
     if (threads > planes) threads = (int)planes;
     if (threads < 1) threads = 1;

@@ -1,8 +1,7 @@
-/* Index the tar members lying whole in a buffer (alexnet_dist/tarindex.py; issue 3).
+/* Index the tar members lying whole in a buffer (alexnet_dist/data/tar.py).
  *
- * The loader reads a shard in 1 MB pieces and parses each 512-byte header: in Python that cost ~4 us a
- * member, three members a sample, a tenth of a sample's whole cost beside the decode. Here one call
- * indexes every complete member in the buffer; Python only slices the names and data out.
+ * The loader reads a shard in 1 MB pieces and parses each 512-byte header, three members a sample. Here
+ * one call indexes every complete member in the buffer; Python only slices the names and data out.
  *
  * For each member whose header and data both lie in buf[pos, len), one row of five int64:
  *   header offset, data size, type flag (byte 156), name length (bytes 0-99 up to the first NUL),
