@@ -1,11 +1,12 @@
-"""Data pipeline benchmark (issue 3): prints JSON with images/s and ratios.
+"""Data pipeline benchmark: prints JSON with images/s and ratios.
 
 Same 256x256 JPEG files (Fashion-MNIST upscaled, RGB, quality 90) three ways, same transforms (random
 227 crop + flip) and the same number of loader workers:
 
 - ``shards``: our ShardLoader over tar shards holding the very same JPEG bytes (local disk), as it runs by
-  default: each view's crop decoded straight into its batch slot (``jpeg_kernel``);
-  ``shards_whole_decode``: the same with whole-image decodes (torchvision) and a crop/flip copy;
+  default (decoder ``crop``): each view's crop decoded straight into its batch slot (``jpeg_kernel``);
+  ``shards_whole_decode``: the same with decoder ``whole``: whole-image decodes (torchvision) and a
+  crop/flip copy;
 - ``imagefolder``: torchvision ``ImageFolder`` + ``DataLoader`` over the files (PIL decode);
 - ``ceiling``: a bare decode loop over the JPEG bytes already in memory, in as many processes;
 - ``shards_s3``: our loader reading the shards from a local S3 server (moto, over HTTP).
@@ -15,12 +16,12 @@ ceiling's) and our crop-only decode (a mirrored 227 crop).
 Targets: shards >= 1.0x imagefolder, >= 0.85x ceiling, S3 >= 0.9x local.
 
 The loaders' rates are steady-state: counted from their first batch to their last, as the ceiling's in warm
-processes (an ImageNet epoch is 1.28M images; starting and stopping the workers is noise there, ~25% of a
-4,000-image run here). The whole-epoch rates, start and shutdown included, are in ``epoch_images_per_s``.
+processes (an ImageNet epoch is 1.28M images; starting and stopping the workers is noise there, not in a
+run of a few thousand). The whole-epoch rates, start and shutdown included, are in ``epoch_images_per_s``.
 Every side is measured ``--repeat`` times, in rounds (one run of each side per round, so drifts of the
-machine hit all sides alike), and the median run is reported: one run here varies by 10-15% from the next.
-``cpu_us_per_image`` is the CPU time (all processes of each side) per image: what the 2-core ratios are
-made of, and steadier than rates when other work shares the machine.
+machine hit all sides alike), and the median run is reported: one run varies noticeably from the next.
+``cpu_us_per_image`` is the CPU time (all processes of each side) per image: what the ratios are made of
+when the workers keep the cores busy, and steadier than rates when other work shares the machine.
 
     .venv/bin/python bench/data.py [--images 4000] [--workers 2] [--batch 64] [--repeat 3]
 """
@@ -119,19 +120,17 @@ def time_batches(batches) -> Rate:
         last = time.perf_counter()
         if first is None:
             first, n_first = last, n
-    end = time.perf_counter()  # after the loader shut its workers down (~20 ms for two here)
+    end = time.perf_counter()  # after the loader shut its workers down
     del batches  # joins the loader's workers, so their CPU time is counted
     steady = (n - n_first) / (last - first) if first is not None and n > n_first else 0.0
     return Rate(steady, n / (end - start), (_cpu_s() - cpu0) / max(n, 1) * 1e6)
 
 
-def rate_shards(
-    m: Manifest, args, endpoint_url: str | None = None, *, direct_jpeg: bool | None = None
-) -> Rate:
-    """Our loader over the shards; ``direct_jpeg`` None: the loader's default (the crop-only decoder)."""
+def rate_shards(m: Manifest, args, endpoint_url: str | None = None, *, decoder: str | None = None) -> Rate:
+    """Our loader over the shards with this decoder (a name in ``DECODERS``; None: the default, ``crop``)."""
     cfg = LoaderConfig(batch_size=args.batch, crop=args.crop, mode="train", seed=0, num_workers=args.workers)
-    if direct_jpeg is not None:
-        cfg = replace(cfg, direct_jpeg=direct_jpeg)
+    if decoder is not None:
+        cfg = replace(cfg, decoder=decoder)
     loader = make_loader(m, cfg, rank=0, world_size=1, endpoint_url=endpoint_url)
     return time_batches(batch.images.shape[0] for batch in loader)
 
@@ -170,7 +169,7 @@ def rate_ceiling(jpegs: list[tuple[int, bytes]], workers: int) -> Rate:
     done = sum(pool.map(_decode_range, parts))
     rate = done / (time.perf_counter() - start)
     pool.close()
-    pool.join()  # reaped: their CPU time is counted (the 8-image warm-up too, 0.4% of it)
+    pool.join()  # reaped: their CPU time is counted (the 8-image warm-up too, a small share of it)
     return Rate(rate, rate, (_cpu_s() - cpu0) / done * 1e6)
 
 
@@ -259,7 +258,7 @@ def rate_s3(m3: Manifest, endpoint: str, moto_pid: int, args) -> tuple[Rate, flo
 
 
 def median_rate(rates: list[Rate]) -> Rate:
-    """The run with the median steady rate (runs here vary by 10-15% from one to the next)."""
+    """The run with the median steady rate (runs vary from one to the next)."""
     return sorted(rates, key=lambda r: r.steady)[len(rates) // 2]
 
 
@@ -270,8 +269,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--crop", type=int, default=227)
     parser.add_argument("--size", type=int, default=256)
-    # 1,000 images (~6 MB here): still small beside the 100 MB-1 GB shards webdataset advises; each S3 GET
-    # costs moto ~4 ms of CPU on these 2 cores, so tiny shards measure the GET, not the stream
+    # 1,000 images: still small beside the 100 MB-1 GB shards webdataset advises; each S3 GET costs moto
+    # CPU time of its own, so tiny shards measure the GET, not the stream
     parser.add_argument("--shard-size", type=int, default=1000)
     parser.add_argument("--repeat", type=int, default=3, help="rounds of every measurement; medians shown")
     args = parser.parse_args()
@@ -287,7 +286,7 @@ def main() -> None:
             for _ in range(args.repeat):  # each round measures every side: drifts hit them all alike
                 for name, measure in (
                     ("shards", lambda: rate_shards(m, args)),
-                    ("shards_whole_decode", lambda: rate_shards(m, args, direct_jpeg=False)),
+                    ("shards_whole_decode", lambda: rate_shards(m, args, decoder="whole")),
                     ("imagefolder", lambda: rate_imagefolder(tmp / "folder", args)),
                     ("ceiling", lambda: rate_ceiling(jpegs, args.workers)),
                 ):
@@ -308,7 +307,7 @@ def main() -> None:
             "epoch_images_per_s": {k: round(r.epoch, 1) for k, r in rates.items() if k != "ceiling"},
             "cpu_us_per_image": {**{k: round(v, 1) for k, v in cpu.items()}, "moto": round(moto_us, 1)},
             # per-image CPU efficiency (S3: moto's CPU counted): what the rate ratios come to on an idle
-            # machine, and steadier than they are when other work shares the 2 cores
+            # machine, and steadier than they are when other work shares the cores
             "cpu_ratios": {
                 "shards_vs_ceiling": round(cpu["ceiling"] / cpu["shards"], 3),
                 "shards_whole_decode_vs_ceiling": round(cpu["ceiling"] / cpu["shards_whole_decode"], 3),

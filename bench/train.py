@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from alexnet_dist.data.augment import normalize
+from alexnet_dist.data.batch import PAD_LABEL
 from alexnet_dist.data.build.writer import BuildOptions, build
-from alexnet_dist.data.loader import PAD_LABEL, LoaderConfig, make_loader
+from alexnet_dist.data.loader import LoaderConfig, make_loader
 from alexnet_dist.data.manifest import load_manifest
 from alexnet_dist.model.config import PRESETS
 from alexnet_dist.model.network import AlexNet

@@ -197,7 +197,7 @@ def _from_location(where: str, *, endpoint_url: str | None) -> tuple[AlexNet, di
 
 
 def run_url(spec_storage: str | None, run_name: str, *, settings: Settings) -> str:
-    """Where training puts a run (as alexnet_dist.training.driver.resolve_storage does, without creating it)."""
+    """Where training puts a run (as training.driver.resolve_storage does, without creating it)."""
     root = (spec_storage or settings.storage_root).rstrip("/")
     if root.startswith("s3://"):
         return f"{root}/{run_name}"

@@ -18,7 +18,8 @@ from rich.table import Table
 
 from alexnet_dist.cli.app import app
 from alexnet_dist.data.build import writer as shard_writer
-from alexnet_dist.data.manifest import load_manifest, verify_manifest
+from alexnet_dist.data.manifest import load_manifest
+from alexnet_dist.data.verify import verify_manifest
 from alexnet_dist.errors import ConfigError, DataError
 from alexnet_dist.settings import load_settings
 

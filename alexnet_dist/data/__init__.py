@@ -1,1 +1,2 @@
-"""Data: manifests, shards read as tar streams, the epoch plan, augmentation, the loader, shard building."""
+"""Data: manifests, shards read as tar streams, the epoch plan, streams, decoders, augmentation, batches, the
+loader, verification and shard building (``build/``)."""

@@ -43,8 +43,8 @@ def train_draws(seed: int, epoch: int, key: str) -> tuple[int, int, bool, Alphas
     """(top draw, left draw, flip, alphas) of one training sample: a pure function of (seed, epoch, key).
 
     Two 64-bit integers that place the crop (``draw % (side - crop + 1)``, see :func:`train_params`), a
-    fair coin and three N(0, 1) draws (Box-Muller), all read off one 64-byte BLAKE2b digest: ~2 us a
-    sample, where seeding a numpy Generator per sample cost ~16 us. The crop-only JPEG decoder takes the
+    fair coin and three N(0, 1) draws (Box-Muller), all read off one 64-byte BLAKE2b digest: one hash a
+    sample, far cheaper than seeding a numpy Generator per sample. The crop-only JPEG decoder takes the
     draws as they are, since it learns the image's size only from the header it reads anyway.
     """
     d = hashlib.blake2b(f"{seed}:{epoch}:{key}".encode(), digest_size=64).digest()
@@ -70,8 +70,8 @@ def decode_image(data: bytes | bytearray) -> torch.Tensor:
     """JPEG/PNG bytes -> uint8 RGB [3, H, W] (libjpeg-turbo via torchvision: faster than PIL).
 
     The result is HWC in memory (a CHW view). The op is called directly: torchvision's Python wrapper (API
-    logging, a deprecation warning for torchcodec, its filtering) cost ~15 us an image. A ``bytearray`` is
-    decoded in place; ``bytes`` are copied first (torch wants a writable buffer).
+    logging, a deprecation warning for torchcodec, its filtering) adds its cost to every image. A
+    ``bytearray`` is decoded in place; ``bytes`` are copied first (torch wants a writable buffer).
     """
     buf = torch.frombuffer(data if isinstance(data, bytearray) else bytearray(data), dtype=torch.uint8)
     return torch.ops.image.decode_image(buf, _RGB, False)
@@ -114,7 +114,7 @@ def lighting_offset(
 
 
 def mirror(img: torch.Tensor) -> torch.Tensor:
-    """Left-right reflection; numpy's negative-stride copy is ~10x faster than ``torch.flip`` on uint8."""
+    """Left-right reflection; numpy's negative-stride copy is much faster than ``torch.flip`` on uint8."""
     return torch.from_numpy(np.ascontiguousarray(img.numpy()[..., ::-1]))
 
 
@@ -122,8 +122,8 @@ def write_view(dst: torch.Tensor, img: torch.Tensor, top: int, left: int, flip: 
     """Copy the patch of ``img`` [3, H, W] at (top, left), mirrored when ``flip``, into ``dst``.
 
     ``dst`` is [crop, crop, 3] (HWC). The decoder's output is HWC in memory (a CHW view), so the copy is
-    row by row, and a mirror copy reverses pixels: 15 and 40 us at 227 px, where gathering the same patch
-    into CHW cost ~130 us (a transpose of every pixel).
+    row by row, and a mirror copy reverses pixels: both cost a fraction of gathering the same patch into CHW
+    (a transpose of every pixel).
     """
     crop = dst.shape[0]
     src = img.permute(1, 2, 0)[top : top + crop, left : left + crop]

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import io
 import json
-import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -18,19 +16,13 @@ from proxies import CuttingProxy
 from shardkit import build_fashion, rewrite_shard
 
 from alexnet_dist import storage
-from alexnet_dist.data import tar as tarstream
+from alexnet_dist.data.batch import PAD_LABEL, POOL_SLOTS
 from alexnet_dist.data.build import fashion_mnist
-from alexnet_dist.data.loader import (
-    PAD_LABEL,
-    POOL_SLOTS,
-    LoaderConfig,
-    make_loader,
-    plan_epoch,
-    round_robin_position,
-)
+from alexnet_dist.data.decoders import DECODERS
+from alexnet_dist.data.loader import LoaderConfig, make_loader
 from alexnet_dist.data.manifest import Manifest, ShardInfo
+from alexnet_dist.data.plan import plan_epoch
 from alexnet_dist.errors import DataError
-from alexnet_dist.kernels import library
 
 
 @pytest.fixture(scope="module")
@@ -105,15 +97,12 @@ def test_train_lengths_equal_when_shards_are_uneven(fashion_mnist_dir, tmp_path)
         assert len(keys) == len(set(keys)) == 2 * plan.length * 16 and len(keys) >= 230 - 4 * 15
 
 
-def test_round_robin_position():
-    assert round_robin_position([3, 1], 2) == ([1, 1], 0)
-    assert round_robin_position([2, 2, 2], 4) == ([2, 1, 1], 1)
-    assert round_robin_position([1, 3], 3) == ([1, 2], 1)
-
-
+@pytest.mark.parametrize("decoder", sorted(DECODERS))
 @pytest.mark.parametrize("workers,stop", [(2, 5), (0, 4)])
-def test_resume_yields_exactly_the_rest_of_the_epoch(shards, workers, stop):
-    cfg = LoaderConfig(batch_size=10, crop=32, mode="train", seed=11, num_workers=workers, shuffle_buffer=30)
+def test_resume_yields_exactly_the_rest_of_the_epoch(shards, workers, stop, decoder):
+    cfg = LoaderConfig(
+        batch_size=10, crop=32, mode="train", seed=11, num_workers=workers, shuffle_buffer=30, decoder=decoder
+    )
     full = make_loader(shards, cfg, rank=1, world_size=2)
     full.set_epoch(2)
     reference = list(full)
@@ -135,11 +124,18 @@ def test_resume_yields_exactly_the_rest_of_the_epoch(shards, workers, stop):
     assert resumed.state_dict()["batches"] == len(reference)
 
 
-def test_augmentation_does_not_depend_on_worker_count(shards):
+@pytest.mark.parametrize("decoder", sorted(DECODERS))
+def test_augmentation_does_not_depend_on_worker_count(shards, decoder):
     views = []
     for workers in (0, 1, 2):
         cfg = LoaderConfig(
-            batch_size=20, crop=32, mode="train", seed=5, num_workers=workers, shuffle_buffer=10
+            batch_size=20,
+            crop=32,
+            mode="train",
+            seed=5,
+            num_workers=workers,
+            shuffle_buffer=10,
+            decoder=decoder,
         )
         by_key = {}
         for b in make_loader(shards, cfg, rank=0, world_size=1):
@@ -175,7 +171,8 @@ def test_connection_cut_mid_shard_loses_and_repeats_nothing(fashion_mnist_dir, s
     assert len(keys) == 200 and len(set(keys)) == 200
 
 
-def test_bad_samples_are_skipped_counted_and_limited(fashion_mnist_dir, tmp_path):
+@pytest.mark.parametrize("decoder", sorted(DECODERS))
+def test_bad_samples_are_skipped_counted_and_limited(fashion_mnist_dir, tmp_path, decoder):
     m = build_fashion(fashion_mnist_dir, tmp_path, limit=200, shard_size=50)
     planted = []
 
@@ -199,7 +196,9 @@ def test_bad_samples_are_skipped_counted_and_limited(fashion_mnist_dir, tmp_path
     )  # a truncated tar: some of its 50 samples are lost
     readable = sum(1 for _ in wds.WebDataset([str(cut)], shardshuffle=False, handler=wds.ignore_and_continue))
     assert 0 < readable < 50
-    cfg = LoaderConfig(batch_size=16, crop=32, mode="val", seed=0, num_workers=2, max_bad_fraction=0.6)
+    cfg = LoaderConfig(
+        batch_size=16, crop=32, mode="val", seed=0, num_workers=2, max_bad_fraction=0.6, decoder=decoder
+    )
     loaders = [make_loader(m, cfg, rank=r, world_size=2) for r in range(2)]
     keys = [
         k
@@ -211,7 +210,7 @@ def test_bad_samples_are_skipped_counted_and_limited(fashion_mnist_dir, tmp_path
     assert len(keys) == len(set(keys)) and not set(planted) & set(keys)
     lost = 200 - len(keys)
     assert sum(ld.bad_samples for ld in loaders) == lost == 2 + (50 - readable)
-    strict = LoaderConfig(batch_size=16, crop=32, mode="val", seed=0, num_workers=2)
+    strict = LoaderConfig(batch_size=16, crop=32, mode="val", seed=0, num_workers=2, decoder=decoder)
     with pytest.raises(DataError, match=r"json: 1 bad samples of 100 in one stream \(limit 0.001\)") as err:
         list(make_loader(m, strict, rank=0, world_size=1))
     assert "\n" not in str(err.value)  # one line, though raised inside a loader worker
@@ -292,44 +291,3 @@ def test_training_buffers_outlive_epochs_and_a_batch_held_across_them_stays_inta
     del kept
     gc.collect()
     assert int(loader._pool.flags.sum()) == 0
-
-
-TAR_READERS = {
-    "native": lambda f: tarstream.members_native(f, library.load("tar_index", tarstream.SIGNATURES)),
-    "python": tarstream.members_py,
-}
-
-
-@pytest.mark.parametrize("reader", sorted(TAR_READERS))
-@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT])
-@pytest.mark.parametrize("chunk", [512, 1300, 1 << 20])
-def test_tar_reader_matches_tarfile_across_read_boundaries(tmp_path, monkeypatch, chunk, fmt, reader):
-    """Long names (GNU "L" members, pax paths, ustar prefixes), empty members, members bigger than a read;
-    a cut inside a member and a bad size field are errors, not short samples."""
-    if reader == "native" and library.load("tar_index", tarstream.SIGNATURES) is None:
-        pytest.skip("no C compiler here")
-    path = tmp_path / "t.tar"
-    rng = np.random.default_rng(0)
-    long = "a/" + "x" * 120 + ".jpg" if fmt != tarfile.USTAR_FORMAT else "p" * 90 + "/" + "x" * 90 + ".jpg"
-    members = [(long, 3000), ("b.cls", 1), ("c.json", 0), ("d" * 30 + ".png", 700), ("e.bin", 5000)]
-    with tarfile.open(path, "w", format=fmt) as tar:
-        for name, size in members:
-            info = tarfile.TarInfo(name)
-            info.size = size
-            tar.addfile(info, io.BytesIO(rng.bytes(size)))
-    monkeypatch.setattr(tarstream, "_TAR_CHUNK", chunk)
-    with tarfile.open(path) as tar:
-        want = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
-    assert [n for n, _ in want] == [n for n, _ in members]
-    with open(path, "rb") as f:
-        got = [(name, bytes(blob)) for name, blob in TAR_READERS[reader](f)]
-    assert got == want
-    whole = path.read_bytes()
-    cut = io.BytesIO(whole[: whole.rindex(b"e.bin") + 512 + 1000])  # 1000 of the 5000 bytes of e.bin
-    with pytest.raises(EOFError):
-        list(TAR_READERS[reader](cut))
-    bad = bytearray(whole)
-    header = whole.rindex(b"b.cls")  # its own header (pax: after the extended one)
-    bad[header + 124 : header + 136] = b"12x4567\0\0\0\0\0"  # its size field: not octal
-    with pytest.raises(tarfile.ReadError):
-        list(TAR_READERS[reader](io.BytesIO(bytes(bad))))

@@ -1,4 +1,4 @@
-"""shards build / verify: Fashion-MNIST, ImageFolder and ILSVRC layouts -> tar shards + manifests."""
+"""shards build: Fashion-MNIST, ImageFolder and ILSVRC layouts -> tar shards + manifests."""
 
 from __future__ import annotations
 
@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 import webdataset as wds
 from PIL import Image
-from shardkit import build_fashion, rewrite_shard
+from shardkit import build_fashion
 from typer.testing import CliRunner
 
 from alexnet_dist.cli import app
-from alexnet_dist.data.build import fashion_mnist
+from alexnet_dist.data.build import fashion_mnist, sources
 from alexnet_dist.data.build import writer as shard_writer
-from alexnet_dist.data.manifest import load_manifest, verify_manifest
+from alexnet_dist.data.manifest import load_manifest
+from alexnet_dist.data.verify import verify_manifest
 
 
 def make_imagefolder(root: Path, classes=("cat", "dog", "eel"), per_class=4, size=(80, 60)) -> Path:
@@ -69,7 +70,7 @@ def test_imagefolder_paper_preprocessing_and_shard_bytes(tmp_path):
     src = make_imagefolder(tmp_path / "src")
     opts = shard_writer.BuildOptions(resize_to=48, shard_size=5, processes=1)
     (m,) = shard_writer.build(src, str(tmp_path / "out"), opts, manifest_dir=tmp_path / "copies")
-    assert shard_writer.detect_format(src) == "imagefolder"
+    assert sources.detect_format(src) == "imagefolder"
     assert m.classes == ("cat", "dog", "eel") and m.num_samples == 12 and len(m.shards) == 3
     assert (tmp_path / "copies" / "src-train.json").exists()
     keys = []
@@ -79,7 +80,7 @@ def test_imagefolder_paper_preprocessing_and_shard_bytes(tmp_path):
     assert sorted(keys)[0] == "train/cat/img_0" and len(set(keys)) == 12
     # the central crop: a left/right gradient image keeps its centre
     grad = np.tile(np.linspace(0, 255, 200).astype(np.uint8), (100, 1))
-    item = shard_writer.Item("k", 0, "o", pixels=grad)
+    item = sources.Item("k", 0, "o", pixels=grad)
     out = shard_writer.load_rgb(item, 50)
     assert out.shape == (50, 50, 3) and abs(int(out[:, 25, 0].mean()) - 127) < 6
     # --shard-bytes: a target size becomes a per-shard count from measured samples
@@ -99,7 +100,7 @@ def test_ilsvrc_layout_with_flat_val(tmp_path):
         lines.append(f"ILSVRC2012_val_{i + 1:08d},{wnid} 1 2 3 4")
     (root / "LOC_val_solution.csv").write_text("\n".join(lines) + "\n")
     (root / "LOC_synset_mapping.txt").write_text("n01440764 tench, Tinca tinca\nn01443537 goldfish\n")
-    assert shard_writer.detect_format(root) == "ilsvrc"
+    assert sources.detect_format(root) == "ilsvrc"
     ms = shard_writer.build(root, str(tmp_path / "out"), shard_writer.BuildOptions(resize_to=32, processes=1))
     train, val = ms
     assert (train.split, train.num_samples, val.split, val.num_samples) == ("train", 6, "val", 2)
@@ -119,43 +120,6 @@ def test_build_to_s3(fashion_mnist_dir, s3):
     loaded = load_manifest(m.url)
     assert [s.count for s in loaded.shards] == [40, 40, 20]
     assert verify_manifest(loaded).good == 100
-
-
-def test_verify_finds_planted_bad_samples_and_only_them(fashion_mnist_dir, tmp_path):
-    m = build_fashion(fashion_mnist_dir, tmp_path / "out", limit=200, shard_size=50)
-    assert verify_manifest(m).to_dict() == {"shards": 4, "samples": 200, "good": 200, "bad": []}
-    planted = {}
-
-    def corrupt(key, files):
-        if not planted.get("jpg"):
-            planted["jpg"] = key
-            return {**files, "jpg": files["jpg"][:100] + b"\x00garbage" * 20}
-        return files
-
-    def relabel(key, files):
-        if not planted.get("cls"):
-            planted["cls"] = key
-            return {**files, "cls": b"10"}
-        return files
-
-    m = rewrite_shard(m, 1, corrupt)
-    m = rewrite_shard(m, 2, relabel)
-    shard3 = Path(m.shards[3].url)
-    shard3.write_bytes(shard3.read_bytes()[:30_000])  # truncated mid-sample; the manifest still says 50
-    report = verify_manifest(m)
-    intact = {(b.shard, b.key) for b in report.bad if b.shard != str(shard3)}
-    assert intact == {(m.shards[1].url, planted["jpg"]), (m.shards[2].url, planted["cls"])}
-    assert any("label 10 outside 0..9" in b.problem for b in report.bad)
-    cut = [b for b in report.bad if b.shard == str(shard3)]  # size, sha256, count, and the sample cut in two
-    assert len([b for b in cut if b.key != "*"]) <= 1  # at most the one sample the cut split
-    assert any("bytes, manifest says" in b.problem for b in cut) and any("sha256" in b.problem for b in cut)
-    read3 = report.samples - 150
-    assert 0 < read3 < 50 and report.good == 148 + read3 - len([b for b in cut if b.key != "*"])
-    # the CLI: non-zero exit and a one-line summary
-    result = CliRunner().invoke(app, ["shards", "verify", m.url, "--json"])
-    assert result.exit_code != 0
-    doc = json.loads(result.stdout)
-    assert {b["key"] for b in doc["bad"] if b["shard"] != str(shard3)} == {planted["jpg"], planted["cls"]}
 
 
 def test_cli_build_fashion_both_splits(fashion_mnist_dir, tmp_path):

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from alexnet_dist.data import augment
+from alexnet_dist.data.decoders import DECODERS
 from alexnet_dist.data.loader import LoaderConfig, make_loader
 from alexnet_dist.kernels import jpeg as jpeg_kernel
 
@@ -109,18 +110,22 @@ def test_a_batch_of_views_in_one_call_skips_the_bad_and_the_small() -> None:
         jpeg_kernel.decode_views_into(out[:1], datas[:2], None)  # fewer slots than images
 
 
+@pytest.mark.parametrize("decoder", sorted(set(DECODERS) - {"whole"}))
 @pytest.mark.parametrize(("mode", "crop"), [("train", 32), ("val", 32), ("train", 40)])
-def test_loader_batches_are_the_same_either_way(fashion_mnist_dir, tmp_path, mode: str, crop: int) -> None:
+def test_loader_batches_are_the_same_either_way(
+    fashion_mnist_dir, tmp_path, mode: str, crop: int, decoder: str
+) -> None:
+    """Every decoder's batches equal those of ``whole`` (torchvision's decode of the whole image)."""
     from shardkit import build_fashion
 
     manifest = build_fashion(fashion_mnist_dir, tmp_path, limit=120, shard_size=40)
     assert manifest.image_size < 40  # crop 40: every image is upscaled first (the whole-decode path)
     batches = {}
-    for direct in (True, False):
-        cfg = LoaderConfig(batch_size=16, crop=crop, mode=mode, seed=3, num_workers=0, direct_jpeg=direct)
-        batches[direct] = list(make_loader(manifest, cfg, rank=0, world_size=1))
-    assert len(batches[True]) == len(batches[False]) > 0
-    for a, b in zip(batches[True], batches[False], strict=True):
+    for name in (decoder, "whole"):
+        cfg = LoaderConfig(batch_size=16, crop=crop, mode=mode, seed=3, num_workers=0, decoder=name)
+        batches[name] = list(make_loader(manifest, cfg, rank=0, world_size=1))
+    assert len(batches[decoder]) == len(batches["whole"]) > 0
+    for a, b in zip(batches[decoder], batches["whole"], strict=True):
         assert a.keys == b.keys
         assert torch.equal(a.images, b.images) and torch.equal(a.lighting, b.lighting)
         assert torch.equal(a.labels, b.labels)

@@ -12,8 +12,8 @@ import pytest
 import torch
 from jobspecs import cpu_spec
 
+from alexnet_dist.data.batch import PAD_LABEL
 from alexnet_dist.data.build.writer import BuildOptions, build
-from alexnet_dist.data.loader import PAD_LABEL
 from alexnet_dist.errors import ClusterError, ConfigError
 from alexnet_dist.model.network import build_model
 from alexnet_dist.settings import Settings
