@@ -185,7 +185,7 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
     )  # fmt: skip
     head = RayHead(f"http://127.0.0.1:{ports['dashboard-port']}", f"127.0.0.1:{ports['port']}", log_path)
     try:
-        from alexnet_dist.service.dispatcher import RayJobsLauncher
+        from alexnet_dist.service.launcher import RayJobsLauncher
 
         deadline = time.monotonic() + 90
         while True:

@@ -1,5 +1,10 @@
 """CLI commands of the job service: submit, list, status, watch, cancel, resume, result, logs, dispatcher,
-and run-job (the entrypoint of each Ray Job the dispatcher launches)."""
+and run-job (the entrypoint of each Ray Job the dispatcher launches).
+
+Each command parses its arguments, calls one operation of :class:`JobService` and prints what it returns
+(rich tables and progress bars, or JSON with ``--json``); the operations' errors become exit codes in
+:func:`alexnet_dist.cli.main`.
+"""
 
 from __future__ import annotations
 
@@ -16,40 +21,28 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from alexnet_dist.cli.app import app
-from alexnet_dist.errors import AlexNetDistError, ConfigError, QueueError
 from alexnet_dist.service.connection import connect
-from alexnet_dist.service.events import read_events
-from alexnet_dist.service.store import TERMINAL, JobRecord, JobState, JobStore
+from alexnet_dist.service.launcher import RayJobsLauncher
+from alexnet_dist.service.operations import JobService
+from alexnet_dist.service.store import JobState, JobStore
 from alexnet_dist.settings import Settings, load_settings
-from alexnet_dist.spec import JobSpec, load_spec
+from alexnet_dist.spec import load_spec
 
 log = logging.getLogger(__name__)
 out = Console()
 err_console = Console(stderr=True)
 
 
-def _queue(settings: Settings) -> JobStore:
+def _store(settings: Settings) -> JobStore:
     return JobStore(connect(settings.redis_url), prefix=settings.redis_prefix)
 
 
-def check_data(spec: JobSpec, *, endpoint_url: str | None) -> None:
-    """The manifests must exist and name as many classes as the model has outputs."""
-    try:
-        from alexnet_dist.data.manifest import load_manifest
-    except ModuleNotFoundError:  # the data module has not landed yet: nothing to check against
-        log.warning("alexnet_dist.manifest missing: manifests not checked")
-        return
-    for field in ("train", "val"):
-        url = getattr(spec.data, field)
-        try:
-            manifest = load_manifest(url, endpoint_url=endpoint_url)
-        except AlexNetDistError as err:
-            raise ConfigError(f"data.{field}: {err}") from None
-        if len(manifest.classes) != spec.model.num_classes:
-            raise ConfigError(
-                f"data.{field}: {url} has {len(manifest.classes)} classes but model.num_classes="
-                f"{spec.model.num_classes}; set model.num_classes={len(manifest.classes)}"
-            )
+def _service(settings: Settings) -> JobService:
+    return JobService(
+        _store(settings),
+        endpoint_url=settings.s3_endpoint_url,
+        launcher=lambda: RayJobsLauncher(settings.ray_dashboard_url),
+    )
 
 
 def _print_json(obj: Any) -> None:
@@ -70,10 +63,8 @@ def submit(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Queue a job; nothing is queued if the spec or its manifests are wrong."""
-    settings = load_settings()
     spec = load_spec(spec_path, set_)
-    check_data(spec, endpoint_url=settings.s3_endpoint_url)
-    rec, created = _queue(settings).submit(spec, priority=priority, client_key=client_key)
+    rec, created = _service(load_settings()).submit(spec, priority=priority, client_key=client_key)
     if as_json:
         _print_json({**rec.to_dict(), "created": created})
     else:
@@ -88,9 +79,9 @@ def list_jobs(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Jobs in submission order."""
-    records = _queue(load_settings()).list(state, limit=limit)
+    records = _service(load_settings()).list(state, limit=limit)
     if as_json:
-        _print_json([_summary(r) for r in records])
+        _print_json([r.to_dict(spec=False) for r in records])
         return
     table = Table("job", "state", "attempt", "priority", "workers", "message")
     for r in records:
@@ -106,21 +97,15 @@ def list_jobs(
     out.print(table)
 
 
-def _summary(r: JobRecord) -> dict[str, Any]:
-    d = r.to_dict()
-    d.pop("spec")
-    return d
-
-
 @app.command()
 def status(job_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
     """One job's record."""
-    rec = _queue(load_settings()).get(job_id)
+    rec = _service(load_settings()).get(job_id)
     if as_json:
         _print_json(rec.to_dict())
         return
     table = Table(show_header=False)
-    for k, v in _summary(rec).items():
+    for k, v in rec.to_dict(spec=False).items():
         if k == "result" and isinstance(v, dict):  # the figures people look for; --json has all of it
             view = "ten-crop" if v.get("ten_crop") else "central crop"
             v = (
@@ -179,32 +164,13 @@ def watch(
     follow: bool = typer.Option(True, help="keep waiting for new events until the job ends"),
 ) -> None:
     """Live progress of a job from its event stream; safe to stop and start again."""
-    queue = _queue(load_settings())
-    rec = queue.get(job_id)
-    last = "0-0"
-    terminal = {s.value for s in TERMINAL}
-    state = ""  # the newest state event seen: a resumed job's stream holds an earlier attempt's end
-
-    def drain(emit: Any, block_ms: int | None) -> None:
-        nonlocal last, state
-        for entry_id, event in read_events(queue.client, queue.keys, job_id, after=last, block_ms=block_ms):
-            last = entry_id
-            emit(event)
-            if event.get("type") == "state":
-                state = str(event.get("state"))
-
-    def run(emit: Any) -> None:
-        """Replay the stream, then (when following) wait for events until the job has ended."""
-        drain(emit, None)
-        while follow and state not in terminal:
-            drain(emit, 1000)
-            if state not in terminal and queue.get(job_id).state in TERMINAL:
-                drain(emit, None)  # the end's state event is written with the state: show it
-                return
-
+    service = _service(load_settings())
     if as_json:
-        run(_print_json)
+        for _, event in service.watch(job_id, follow=follow):
+            _print_json(event)
         return
+    rec = service.get(job_id)
+    events = service.watch(job_id, follow=follow)
     columns = (
         TextColumn("{task.description:>5}"),
         BarColumn(),
@@ -214,49 +180,41 @@ def watch(
     )
     out.print(f"{rec.id} ({rec.name}): {rec.state.value}, attempt {rec.attempt}")
     with Progress(*columns, console=out, transient=False) as progress:
-        run(WatchView(progress).show)
+        view = WatchView(progress)
+        for _, event in events:
+            view.show(event)
 
 
 @app.command()
 def cancel(job_id: str) -> None:
     """Cancel a job: at once if queued; a running one's Ray Job is stopped by the dispatcher."""
-    rec = _queue(load_settings()).cancel(job_id)
+    rec = _service(load_settings()).cancel(job_id)
     out.print(f"{rec.id}  {rec.state.value}  {rec.message}")
 
 
 @app.command()
 def resume(job_id: str) -> None:
     """Queue a FAILED or CANCELLED job again; it continues from its newest checkpoint."""
-    rec = _queue(load_settings()).resume(job_id)
+    rec = _service(load_settings()).resume(job_id)
     out.print(f"{rec.id}  {rec.state.value}  attempt {rec.attempt}")
 
 
 @app.command()
 def result(job_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
     """The final top-1 and top-5 error; exits non-zero until the job has succeeded."""
-    rec = _queue(load_settings()).get(job_id)
-    if rec.state is not JobState.SUCCEEDED or rec.result is None:
-        raise QueueError(
-            f"job {job_id}: {rec.state.value}, no result yet; follow it with `alexnet-dist watch {job_id}`"
-        )
+    r = _service(load_settings()).result(job_id)
     if as_json:
-        _print_json({"job_id": rec.id, **rec.result})
+        _print_json(r)
         return
-    r = rec.result
     crops = "ten-crop" if r.get("ten_crop") else "center crop"
     top1, top5 = _fmt(r.get("top1_error")), _fmt(r.get("top5_error"))
-    out.print(f"{rec.id}: top-1 error {top1}  top-5 error {top5} ({crops})")
+    out.print(f"{r['job_id']}: top-1 error {top1}  top-5 error {top5} ({crops})")
 
 
 @app.command()
 def logs(job_id: str, attempt: int | None = typer.Option(None, help="default: the current attempt")) -> None:
     """The Ray Job's driver log."""
-    from alexnet_dist.service.dispatcher import RayJobsLauncher
-
-    settings = load_settings()
-    rec = _queue(settings).get(job_id)
-    sid = f"{rec.id}-{attempt or rec.attempt}"
-    sys.stdout.write(RayJobsLauncher(settings.ray_dashboard_url).logs(sid))
+    sys.stdout.write(_service(load_settings()).logs(job_id, attempt=attempt))
 
 
 @app.command()
@@ -268,12 +226,13 @@ def dispatcher(
     import signal
     import threading
 
-    from alexnet_dist.service.dispatcher import Dispatcher, RayJobsLauncher, job_env
+    from alexnet_dist.service.dispatcher import Dispatcher
+    from alexnet_dist.service.launcher import job_env
 
     settings = load_settings()
-    queue = _queue(settings)
+    store = _store(settings)
     d = Dispatcher(
-        queue,
+        store,
         RayJobsLauncher(settings.ray_dashboard_url),
         env=job_env(settings),
         interval_s=interval,
@@ -281,7 +240,7 @@ def dispatcher(
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    log.info("dispatcher %s: waiting for the lock on %s", d.token[:8], queue.keys.dispatcher_lock)
+    log.info("dispatcher %s: waiting for the lock on %s", d.token[:8], store.keys.dispatcher_lock)
     try:
         d.run(stop)
     except KeyboardInterrupt:
@@ -292,14 +251,12 @@ def dispatcher(
 def run_job(job_id: str, attempt: int = typer.Option(..., help="the attempt this Ray Job runs")) -> None:
     """Entrypoint of a Ray Job: train the job's spec and store its result."""
     from alexnet_dist.service.events import job_events
-    from alexnet_dist.training.loop import run_training
+    from alexnet_dist.training.driver import run_training
 
     settings = load_settings()
-    queue = _queue(settings)
-    rec = queue.get(job_id)
-    if rec.attempt != attempt:
-        raise QueueError(f"job {job_id}: attempt {attempt} is stale (current {rec.attempt}); not running it")
-    events = job_events(settings.redis_url, queue.keys, job_id)
+    service = _service(settings)
+    rec = service.current_attempt(job_id, attempt)
+    events = job_events(settings.redis_url, service.store.keys, job_id)
     res = run_training(rec.spec, run_name=job_id, settings=settings, events=events, resume=True)
-    queue.store_result(job_id, res.to_dict())
+    service.store_result(job_id, res.to_dict())
     out.print(f"{job_id}: stored result")

@@ -1,13 +1,15 @@
-"""The dispatcher: takes queued jobs that fit the cluster and runs each as a Ray Job, then follows it.
+"""The dispatcher: launches the queued jobs its policy chooses, each as a Ray Job, then follows them.
 
 One instance is active at a time, through a Redis lock holding a random token with a TTL that the holder
 renews every pass; a second instance waits and takes over within one TTL when the first dies. Every job
-change it makes carries the token (see queue.py), so a dispatcher that lost the lock changes nothing.
+change it makes carries the token (see store.py), so a dispatcher that lost the lock changes nothing.
 
-A launch is two steps, each safe to repeat: claim the job (QUEUED -> LAUNCHING, atomic), then submit the
-Ray Job under the submission id ``{job id}-{attempt}``, which Ray accepts once. A dispatcher that dies
-between the two leaves a LAUNCHING job that the next one finds on start and submits; a duplicate id
-means it was launched already. So a crash loses no job and launches none twice.
+Which jobs to launch is the policy's choice (:mod:`alexnet_dist.service.policy`, a pure function); this
+module gathers the policy's inputs and carries out its decisions. A launch is two steps, each safe to
+repeat: claim the job (QUEUED -> LAUNCHING, atomic), then submit the Ray Job under the submission id
+``{job id}-{attempt}``, which Ray accepts once. A dispatcher that dies between the two leaves a LAUNCHING
+job that the next one finds on start and submits; a duplicate id means it was launched already. So a
+crash loses no job and launches none twice.
 """
 
 from __future__ import annotations
@@ -16,29 +18,20 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Callable
 
 from alexnet_dist.errors import ClusterError, QueueError
+from alexnet_dist.service.launcher import Launcher, LaunchStatus, default_entrypoint
+from alexnet_dist.service.policy import Demand, Job, Launch, Policy, plan
 from alexnet_dist.service.store import JobRecord, JobState, JobStore
-from alexnet_dist.settings import Settings
 
-__all__ = [
-    "Demand",
-    "Dispatcher",
-    "LaunchStatus",
-    "Launcher",
-    "RayJobsLauncher",
-    "default_entrypoint",
-    "fits",
-    "job_env",
-]
+__all__ = ["Dispatcher"]
 
 log = logging.getLogger(__name__)
 
-_LIVE = ("PENDING", "RUNNING")
-_RESTOP_AFTER_S = 30.0  # a stop request is repeated only if the Ray Job still runs this long after it
+# A stopping Ray Job still reads RUNNING until Ray's grace period after SIGTERM ends: ask Ray to stop it
+# once, and again only if it still runs this long after.
+_RESTOP_AFTER_S = 30.0
 
 # Renew only when the lock is still ours; release likewise (never delete another holder's lock).
 _RENEW = """if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
@@ -46,200 +39,42 @@ return 0"""
 _RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
 
-@dataclass(frozen=True)
-class LaunchStatus:
-    state: str  # Ray's JobStatus: PENDING, RUNNING, STOPPED, SUCCEEDED or FAILED
-    message: str = ""
-
-
-class Launcher(Protocol):
-    """What the dispatcher needs from the cluster; :class:`RayJobsLauncher` is the real one."""
-
-    def submit(self, submission_id: str, entrypoint: str, env: dict[str, str]) -> None: ...
-    def status(self, submission_id: str) -> LaunchStatus | None: ...  # None: the cluster never saw it
-    def statuses(self) -> dict[str, LaunchStatus]: ...  # every submission the cluster knows
-    def stop(self, submission_id: str) -> None: ...
-    def logs(self, submission_id: str) -> str: ...
-    def nodes(self) -> list[dict[str, float]]: ...  # total resources of each alive node
-
-
-def _use_cluster_token() -> None:
-    """Send the local cluster's auth token, as ``ray.init(address="auto")`` and ``ray start`` do.
-
-    Ray 2.60 turns token auth on for clusters started with ``ray start --head``, but its
-    ``JobSubmissionClient`` sends the token (``~/.ray/auth_token``, ``RAY_AUTH_TOKEN``) only when
-    ``RAY_AUTH_MODE=token``; without it every call is refused as "Missing authentication token".
-    An explicit ``RAY_AUTH_MODE`` (e.g. ``disabled``) is respected; Ray does the reading.
-    """
-    try:
-        from ray._private.authentication.authentication_token_setup import (
-            maybe_enable_token_auth_if_token_available,
-        )
-    except ImportError:  # a Ray without token auth
-        return
-    quiet = logging.getLogger(maybe_enable_token_auth_if_token_available.__module__)
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # its "token authentication is enabled" warning is no news to a client
-    try:
-        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-    finally:
-        quiet.setLevel(level)
-
-
-class RayJobsLauncher:
-    """Ray Jobs through the dashboard's REST API (``JobSubmissionClient``)."""
-
-    def __init__(self, dashboard_url: str) -> None:
-        from ray.job_submission import JobSubmissionClient
-
-        _use_cluster_token()
-        self.url = dashboard_url
-        try:
-            self._client = JobSubmissionClient(dashboard_url)
-        except (ConnectionError, RuntimeError, OSError) as err:
-            raise ClusterError(
-                f"{dashboard_url}: Ray dashboard unreachable ({type(err).__name__}); check "
-                "ALEXNET_DIST_RAY_DASHBOARD and that the Ray head runs with the dashboard (ray[default])"
-            ) from None
-
-    def _fail(self, what: str, err: Exception) -> ClusterError:
-        text = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-        return ClusterError(f"{what}: Ray refused or is unreachable ({text}); check {self.url}")
-
-    def submit(self, submission_id: str, entrypoint: str, env: dict[str, str]) -> None:
-        try:
-            self._client.submit_job(
-                entrypoint=entrypoint, submission_id=submission_id, runtime_env={"env_vars": env}
-            )
-        except Exception as err:
-            if "already exists" in str(err):  # launched before: the submission id makes launching once
-                log.info("Ray job %s: already submitted", submission_id)
-                return
-            raise self._fail(f"Ray job {submission_id}", err) from None
-
-    def status(self, submission_id: str) -> LaunchStatus | None:
-        try:
-            info = self._client.get_job_info(submission_id)
-        except Exception as err:
-            if "does not exist" in str(err):
-                return None
-            raise self._fail(f"Ray job {submission_id}", err) from None
-        return LaunchStatus(str(info.status.value), info.message or "")
-
-    def statuses(self) -> dict[str, LaunchStatus]:
-        try:
-            jobs = self._client.list_jobs()
-        except Exception as err:
-            raise self._fail("Ray jobs", err) from None
-        return {
-            j.submission_id: LaunchStatus(str(j.status.value), j.message or "")
-            for j in jobs
-            if j.submission_id
-        }
-
-    def stop(self, submission_id: str) -> None:
-        try:
-            self._client.stop_job(submission_id)
-        except Exception as err:
-            if "does not exist" not in str(err):
-                raise self._fail(f"Ray job {submission_id}", err) from None
-
-    def logs(self, submission_id: str) -> str:
-        try:
-            return self._client.get_job_logs(submission_id)
-        except Exception as err:
-            raise self._fail(f"Ray job {submission_id}", err) from None
-
-    def nodes(self) -> list[dict[str, float]]:
-        from ray.util.state import list_nodes
-
-        try:
-            nodes = list_nodes(address=self.url, filters=[("state", "=", "ALIVE")])
-        except Exception as err:
-            raise self._fail("Ray nodes", err) from None
-        return [dict(n.resources_total) for n in nodes]
-
-
-@dataclass(frozen=True)
-class Demand:
-    """What a job holds while it runs: ``workers`` bundles of (CPU, GPU), each on one node."""
-
-    workers: int
-    cpus: float
-    gpus: float
-
-    @classmethod
-    def of(cls, record: JobRecord) -> Demand:
-        s = record.spec.scaling
-        return cls(workers=s.workers, cpus=s.cpus_per_worker, gpus=float(s.gpus_per_worker))
-
-
-def _place(free: list[list[float]], d: Demand) -> bool:
-    """First-fit each worker onto a node (a worker's GPU pair must share a node); updates ``free``."""
-    for _ in range(d.workers):
-        for node in free:
-            if node[0] >= d.cpus - 1e-9 and node[1] >= d.gpus - 1e-9:
-                node[0] -= d.cpus
-                node[1] -= d.gpus
-                break
-        else:
-            return False
-    return True
-
-
-def fits(nodes: list[dict[str, float]], running: Iterable[Demand], candidate: Demand) -> bool:
-    """Whether ``candidate`` fits once the jobs already running are placed on the nodes' totals.
-
-    Counting from totals minus our own jobs (not Ray's momentary free resources) keeps a job that was just
-    launched, and has not yet reserved its workers, from being counted as free room.
-    """
-    free = [[n.get("CPU", 0.0), n.get("GPU", 0.0)] for n in nodes]
-    for d in running:
-        _place(free, d)  # a job that no longer fits (cluster shrank) takes what it can
-    return _place(free, candidate)
-
-
-def default_entrypoint(job_id: str, attempt: int) -> str:
-    return f"alexnet-dist run-job {job_id} --attempt {attempt}"
-
-
-def job_env(settings: Settings) -> dict[str, str]:
-    """Environment of the Ray Job's driver: what `run-job` needs to find Redis, the store and S3."""
-    env = {
-        "ALEXNET_DIST_REDIS_URL": settings.redis_url,
-        "ALEXNET_DIST_REDIS_PREFIX": settings.redis_prefix,
-        "ALEXNET_DIST_STORAGE": settings.storage_root,
-    }
-    if settings.s3_endpoint_url:
-        env["AWS_ENDPOINT_URL"] = settings.s3_endpoint_url
-    if settings.aws_region:
-        env["AWS_REGION"] = settings.aws_region
-    return env
+def _job(rec: JobRecord) -> Job:
+    """The record as the policy sees it."""
+    return Job(rec.id, Demand.of(rec.spec), rec.priority)
 
 
 class Dispatcher:
+    """Each pass (:meth:`step`): follow the launched jobs, then launch what ``policy`` chooses.
+
+    ``entrypoint(job id, attempt)`` is the Ray Job's command line and ``env`` its environment
+    (:func:`~alexnet_dist.service.launcher.job_env`).
+    """
+
     def __init__(
         self,
-        queue: JobStore,
+        store: JobStore,
         launcher: Launcher,
         *,
+        policy: Policy = plan,
         env: dict[str, str] | None = None,
         entrypoint: Callable[[str, int], str] = default_entrypoint,
         interval_s: float = 1.0,
         lock_ttl_s: float = 10.0,
         scan: int = 100,
     ) -> None:
-        self.queue = queue
+        self.store = store
         self.launcher = launcher
+        self.policy = policy
         self.env = dict(env or {})
         self.entrypoint = entrypoint
         self.interval_s = interval_s
         self.lock_ttl_ms = int(lock_ttl_s * 1000)
-        self.scan = scan  # queued jobs looked at per pass when searching for one that fits
+        self.scan = scan  # queued jobs (from the head of the queue) the policy sees per pass
         self.token = uuid.uuid4().hex
         self.launches = 0  # Ray Job submissions made by this instance
         self._stopped: dict[str, float] = {}  # submission id -> when this instance last asked Ray to stop it
-        client = queue.client
+        client = store.client
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
 
@@ -247,32 +82,35 @@ class Dispatcher:
 
     def acquire(self) -> bool:
         """Take the lock, or renew it if ours; False while another dispatcher holds it."""
-        key = self.queue.keys.dispatcher_lock
+        key = self.store.keys.dispatcher_lock
         try:
             if self._renew(keys=[key], args=[self.token, self.lock_ttl_ms]):
                 return True
-            return bool(self.queue.client.set(key, self.token, nx=True, px=self.lock_ttl_ms))
+            return bool(self.store.client.set(key, self.token, nx=True, px=self.lock_ttl_ms))
         except Exception as err:
             raise QueueError(f"dispatcher lock: Redis error ({err}); check ALEXNET_DIST_REDIS_URL") from None
 
     def release(self) -> None:
-        self._release(keys=[self.queue.keys.dispatcher_lock], args=[self.token])
+        self._release(keys=[self.store.keys.dispatcher_lock], args=[self.token])
 
-    # -- one pass --------------------------------------------------------------------------------------
+    def holds_lock(self) -> bool:
+        return self.store.client.get(self.store.keys.dispatcher_lock) == self.token
+
+    # -- following launched jobs -----------------------------------------------------------------------
 
     def reconcile(self) -> None:
         """On taking the lock: settle jobs whose Ray state and Redis state disagree after a crash."""
         known = self.launcher.statuses()
-        for rec in self.queue.queued(limit=10_000):
+        for rec in self.store.queued(limit=10_000):
             st = known.get(rec.submission_id)
-            if st is not None and st.state in _LIVE:  # launched, then the record went back (e.g. lost write)
+            if st is not None and st.live:  # launched, then the record went back (e.g. a lost write)
                 msg = f"Ray job {rec.submission_id} found running; adopted"
-                self.queue.transition(rec, JobState.RUNNING, message=msg, lock_token=self.token)
+                self.store.transition(rec, JobState.RUNNING, message=msg, lock_token=self.token)
         self.follow(known)
 
     def follow(self, known: dict[str, LaunchStatus] | None = None) -> None:
         """Bring every LAUNCHING/RUNNING job in line with its Ray Job."""
-        active = self.queue.active()
+        active = self.store.active()
         for rec in active:
             if known is not None:
                 st = known.get(rec.submission_id)
@@ -283,7 +121,7 @@ class Dispatcher:
         self._stopped = {sid: t for sid, t in self._stopped.items() if sid in ids}
 
     def _settle(self, rec: JobRecord, st: LaunchStatus | None) -> None:
-        q, token, sid = self.queue, self.token, rec.submission_id
+        q, token, sid = self.store, self.token, rec.submission_id
         if rec.state is JobState.LAUNCHING:
             if st is None:  # claimed but never submitted (a dispatcher died in between): submit now
                 if rec.cancel_requested:
@@ -296,7 +134,7 @@ class Dispatcher:
             rec = q.get(rec.id)
         if st is None:
             self._failed(rec, f"Ray job {sid} not found on the cluster")
-        elif st.state in _LIVE:
+        elif st.live:
             if rec.cancel_requested:
                 self._stop(rec.id, sid)
         elif st.state == "SUCCEEDED":
@@ -308,8 +146,6 @@ class Dispatcher:
             self._failed(rec, f"Ray job {sid} failed: {st.message}".strip())
 
     def _stop(self, job_id: str, sid: str) -> None:
-        # A stopping Ray Job reads RUNNING for a few seconds (SIGTERM, then SIGKILL after Ray's grace
-        # period): ask once, and again only if it is still running well after that.
         now = time.monotonic()
         if now - self._stopped.get(sid, -_RESTOP_AFTER_S) < _RESTOP_AFTER_S:
             return
@@ -318,7 +154,7 @@ class Dispatcher:
         self._stopped[sid] = now
 
     def _failed(self, rec: JobRecord, why: str) -> None:
-        q = self.queue
+        q = self.store
         if rec.cancel_requested:
             q.transition(rec, JobState.CANCELLED, message=f"cancelled ({why})", lock_token=self.token)
         elif rec.retries_left > 0:
@@ -335,8 +171,7 @@ class Dispatcher:
         else:
             q.transition(rec, JobState.FAILED, message=why[:500], lock_token=self.token)
 
-    def holds_lock(self) -> bool:
-        return self.queue.client.get(self.queue.keys.dispatcher_lock) == self.token
+    # -- launching -------------------------------------------------------------------------------------
 
     def _submit(self, rec: JobRecord) -> None:
         sid = rec.submission_id
@@ -345,26 +180,38 @@ class Dispatcher:
         self.launcher.submit(sid, self.entrypoint(rec.id, rec.attempt), self.env)
         self.launches += 1
         log.info("job %s: launched as Ray job %s", rec.id, sid)
-        self.queue.transition(
-            rec, JobState.RUNNING, message=f"Ray job {sid} submitted", lock_token=self.token
-        )
+        msg = f"Ray job {sid} submitted"
+        self.store.transition(rec, JobState.RUNNING, message=msg, lock_token=self.token)
+
+    def _launch(self, rec: JobRecord) -> bool:
+        """Claim the job (QUEUED -> LAUNCHING) and submit it; False if the claim failed."""
+        if not self.store.transition(
+            rec, JobState.LAUNCHING, message="launching", lock_token=self.token, allowed=[JobState.QUEUED]
+        ):
+            return False  # cancelled meanwhile, or we lost the lock
+        self._submit(self.store.get(rec.id))
+        return True
 
     def launch_ready(self) -> int:
-        """Claim and launch the highest-priority queued jobs that fit; returns how many were launched."""
-        nodes = self.launcher.nodes()
-        running = [Demand.of(r) for r in self.queue.active()]
+        """Carry out the policy's launches for this pass; returns how many jobs were claimed and launched."""
+        cluster = self.launcher.nodes()
+        running = [_job(r) for r in self.store.active()]
+        records = self.store.queued(limit=self.scan)
+        waiting = {r.id: _job(r) for r in records}  # in queue order
+        by_id = {r.id: r for r in records}
         launched = 0
-        for rec in self.queue.queued(limit=self.scan):
-            demand = Demand.of(rec)
-            if not fits(nodes, running, demand):
-                continue  # a smaller job further down may still fit (backfill)
-            if not self.queue.transition(
-                rec, JobState.LAUNCHING, message="launching", lock_token=self.token, allowed=[JobState.QUEUED]
-            ):
-                continue  # cancelled meanwhile, or we lost the lock
-            self._submit(self.queue.get(rec.id))
-            running.append(demand)
-            launched += 1
+        replan = True
+        while replan:
+            replan = False
+            for decision in self.policy(cluster, running, list(waiting.values())):
+                if not isinstance(decision, Launch):
+                    raise TypeError(f"{decision!r}: not a decision this dispatcher carries out")
+                job = waiting.pop(decision.job_id)
+                if not self._launch(by_id[job.id]):
+                    replan = True  # the room the policy gave this job is free after all: plan the rest again
+                    break
+                running.append(job)
+                launched += 1
         return launched
 
     def step(self) -> None:

@@ -116,10 +116,13 @@ class JobRecord:
         """The Ray Job submission id of the current attempt: Ray refuses a second job with the same id."""
         return f"{self.id}-{self.attempt}"
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, *, spec: bool = True) -> dict[str, Any]:
+        """The record as JSON-able values; ``spec=False`` leaves the spec out (for listings)."""
         out = asdict(self)
         out["state"] = self.state.value
-        out["spec"] = json.loads(out.pop("spec_json"))
+        spec_json = out.pop("spec_json")
+        if spec:
+            out["spec"] = json.loads(spec_json)
         out["submission_id"] = self.submission_id
         return out
 
@@ -151,7 +154,7 @@ def _pairs(fields: dict[str, Any]) -> list[str]:
 
 
 class JobStore:
-    """Jobs in one Redis under one key prefix. ``client`` must decode responses (see redisconn.connect)."""
+    """Jobs in one Redis under one key prefix. ``client`` must decode responses (see connection.connect)."""
 
     def __init__(self, client: redis.Redis, *, prefix: str = "alexnet:") -> None:
         self.client = client

@@ -1,5 +1,5 @@
-"""The dispatcher: fit, lock, races, crash recovery and retries (Redis-backed cluster stand-in), then real
-Ray Jobs on a local head (launch, follow, retry, cancel).
+"""The dispatcher: launch order, lock, races, crash recovery and retries (Redis-backed cluster stand-in),
+then real Ray Jobs on a local head (launch, follow, retry, cancel). The policy alone: test_policy.py.
 
 The stand-in (`RedisCluster`) keeps its submissions in Redis so several dispatcher processes share it, and it
 behaves as Ray Jobs does: a submission id is accepted once, a second submit is a no-op that is counted.
@@ -16,15 +16,20 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import redis
-from conftest import RayHead
 
 from alexnet_dist.service.connection import connect
-from alexnet_dist.service.dispatcher import Demand, Dispatcher, LaunchStatus, fits
+from alexnet_dist.service.dispatcher import Dispatcher
+from alexnet_dist.service.launcher import LaunchStatus
+from alexnet_dist.service.policy import Cluster, Decision, Job, plan
 from alexnet_dist.service.store import JobState, JobStore
 from alexnet_dist.spec import JobSpec, parse_spec
+
+if TYPE_CHECKING:  # run as a script (a dispatcher process, a Ray Job), tests/ is not on the path
+    from conftest import RayHead
 
 HERE = Path(__file__).resolve()
 PREFIX = "t:"
@@ -78,16 +83,6 @@ class RedisCluster:
         return [{"CPU": self.cpus}]
 
 
-def test_fits_places_workers_per_node() -> None:
-    nodes = [{"CPU": 8.0, "GPU": 2.0}, {"CPU": 8.0, "GPU": 2.0}]
-    pair = Demand(workers=1, cpus=1.0, gpus=2.0)
-    assert fits(nodes, [], Demand(workers=2, cpus=1.0, gpus=2.0))
-    assert not fits(nodes, [], Demand(workers=3, cpus=1.0, gpus=2.0))
-    assert fits(nodes, [pair], pair) and not fits(nodes, [pair, pair], pair)
-    assert not fits([{"CPU": 8.0, "GPU": 1.0}] * 4, [], pair)  # a GPU pair must share a node
-    assert fits([{"CPU": 2.0}], [], Demand(2, 1.0, 0.0)) and not fits([{"CPU": 2.0}], [], Demand(3, 1.0, 0.0))
-
-
 def test_highest_priority_that_fits_runs_first_and_small_jobs_backfill(redis_url: str) -> None:
     queue = JobStore(connect(redis_url), prefix=PREFIX)
     big, _ = queue.submit(make_spec("big", workers=4), priority=9)  # needs 4 CPUs, the cluster has 2
@@ -101,6 +96,27 @@ def test_highest_priority_that_fits_runs_first_and_small_jobs_backfill(redis_url
     assert launched == [f"{high.id}-1", f"{low.id}-1"]  # priority order; big skipped, not blocking
     assert queue.get(big.id).state is JobState.QUEUED
     assert d.launch_ready() == 0  # both CPUs are held by the two running jobs
+
+
+def test_a_job_cancelled_before_its_claim_leaves_its_room_to_the_next(redis_url: str) -> None:
+    queue = JobStore(connect(redis_url), prefix=PREFIX)
+    first, _ = queue.submit(make_spec("first", workers=2), priority=5)
+    second, _ = queue.submit(make_spec("second", workers=2), priority=1)
+    cluster = RedisCluster(redis_url, cpus=2.0, outcome="RUNNING")  # room for one of the two
+    asked: list[list[str]] = []
+
+    def cancel_first(cluster: Cluster, running: list[Job], queued: list[Job]) -> list[Decision]:
+        asked.append([j.id for j in queued])
+        if len(asked) == 1:
+            queue.cancel(first.id)  # a user cancels between the plan and the claim
+        return plan(cluster, running, queued)
+
+    d = Dispatcher(queue, cluster, policy=cancel_first)
+    assert d.acquire()
+    assert d.launch_ready() == 1
+    assert asked == [[first.id, second.id], [second.id]]  # planned again without the job it could not claim
+    assert list(cluster.r.hgetall("cluster:launches")) == [f"{second.id}-1"]
+    assert queue.get(first.id).state is JobState.CANCELLED
 
 
 def _serve(url: str, crash: bool) -> None:
@@ -249,8 +265,8 @@ def _run_entry(job_id: str, attempt: int) -> None:
 
 @pytest.mark.slow
 def test_ray_jobs_launch_retry_result_and_cancel(redis_url: str, ray_head: RayHead) -> None:
-    from alexnet_dist.service.dispatcher import RayJobsLauncher
     from alexnet_dist.service.events import read_events, subscribe_results
+    from alexnet_dist.service.launcher import RayJobsLauncher
 
     queue = JobStore(connect(redis_url), prefix=PREFIX)
     launcher = RayJobsLauncher(ray_head.dashboard_url)

@@ -1,4 +1,4 @@
-"""The job service end to end (issue 5): the real CLI, dispatcher and training driver on a local Ray head.
+"""The job service end to end: the real CLI, dispatcher and training driver on a local Ray head.
 
 `alexnet-dist submit jobs/smoke.toml` -> Redis -> `alexnet-dist dispatcher` launches `run-job` as a Ray Job
 -> Ray Train (2 workers) trains on real Fashion-MNIST shards and publishes events -> `watch`, `result`,
@@ -26,16 +26,16 @@ from conftest import RayHead
 
 from alexnet_dist.data.build.writer import BuildOptions, build
 from alexnet_dist.service.connection import connect
-from alexnet_dist.service.dispatcher import RayJobsLauncher
 from alexnet_dist.service.events import read_events, subscribe_results
+from alexnet_dist.service.launcher import RayJobsLauncher
 from alexnet_dist.service.store import JobState, JobStore
 from alexnet_dist.spec import load_spec
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ROOT / "jobs" / "smoke.toml"
 CLI = Path(sys.executable).parent / "alexnet-dist"
 PREFIX = "svc:"  # not the default: the prefix must reach the Ray Job through the dispatcher's env
-FIT_TIMEOUT_S = 300  # one fit is 30-45 s alone; the 2 cores are shared with other test runs
+FIT_TIMEOUT_S = 300  # generous: the machine's cores may be shared with other test runs
 
 
 @pytest.fixture(scope="module")
@@ -261,7 +261,7 @@ def test_cancel_stops_the_ray_job_and_resume_continues_from_the_checkpoint(
     rec = service.queue.get(job_id)
     assert (rec.attempt, rec.message, rec.result) == (1, "cancelled", None)
     assert service.launcher.status(f"{job_id}-1").state == "STOPPED"
-    # the dispatcher asked Ray once, though the Ray Job reads RUNNING for seconds while it stops
+    # the dispatcher asked Ray once, though the Ray Job still reads RUNNING for a while as it stops
     assert service.dispatcher_log.read_text().count(f"stopping Ray job {job_id}-1") == 1
     first = service.events(job_id)
     last_step = max(e["step"] + 16 * (e["epoch"] - 1) for e in first if e["type"] == "step")

@@ -47,7 +47,6 @@ class SplitSource:
     names: tuple[str, ...]
 
 
-
 def detect_format(source: Path) -> str:
     if any((source / f"train-images-idx3-ubyte{s}").exists() for s in ("", ".gz")):
         return "fashion-mnist"

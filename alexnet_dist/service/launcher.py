@@ -1,0 +1,158 @@
+"""The cluster side of the dispatcher: what it needs from Ray (:class:`Launcher`) and the real one, Ray Jobs.
+
+A job runs as one Ray Job whose entrypoint is a command line (``alexnet-dist run-job JOB --attempt N``), so
+the service never imports the training code: the Ray Job's driver does, on the cluster. Its environment
+(:func:`job_env`) tells it where Redis, the job store and S3 are.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Protocol
+
+from alexnet_dist.errors import ClusterError
+from alexnet_dist.settings import Settings
+
+__all__ = ["LIVE", "LaunchStatus", "Launcher", "RayJobsLauncher", "default_entrypoint", "job_env"]
+
+log = logging.getLogger(__name__)
+
+LIVE = frozenset({"PENDING", "RUNNING"})  # Ray Job states of a job that holds (or will hold) its workers
+
+
+@dataclass(frozen=True)
+class LaunchStatus:
+    state: str  # Ray's JobStatus: PENDING, RUNNING, STOPPED, SUCCEEDED or FAILED
+    message: str = ""
+
+    @property
+    def live(self) -> bool:
+        return self.state in LIVE
+
+
+class Launcher(Protocol):
+    """What the dispatcher needs from the cluster; :class:`RayJobsLauncher` is the real one."""
+
+    def submit(self, submission_id: str, entrypoint: str, env: dict[str, str]) -> None: ...
+    def status(self, submission_id: str) -> LaunchStatus | None: ...  # None: the cluster never saw it
+    def statuses(self) -> dict[str, LaunchStatus]: ...  # every submission the cluster knows
+    def stop(self, submission_id: str) -> None: ...
+    def logs(self, submission_id: str) -> str: ...
+    def nodes(self) -> list[dict[str, float]]: ...  # total resources of each alive node
+
+
+def default_entrypoint(job_id: str, attempt: int) -> str:
+    """The Ray Job's command line: the CLI's hidden ``run-job`` command trains the job's spec."""
+    return f"alexnet-dist run-job {job_id} --attempt {attempt}"
+
+
+def job_env(settings: Settings) -> dict[str, str]:
+    """Environment of the Ray Job's driver: what `run-job` needs to find Redis, the store and S3."""
+    env = {
+        "ALEXNET_DIST_REDIS_URL": settings.redis_url,
+        "ALEXNET_DIST_REDIS_PREFIX": settings.redis_prefix,
+        "ALEXNET_DIST_STORAGE": settings.storage_root,
+    }
+    if settings.s3_endpoint_url:
+        env["AWS_ENDPOINT_URL"] = settings.s3_endpoint_url
+    if settings.aws_region:
+        env["AWS_REGION"] = settings.aws_region
+    return env
+
+
+def _use_cluster_token() -> None:
+    """Send the local cluster's auth token, as ``ray.init(address="auto")`` and ``ray start`` do.
+
+    Ray 2.60 turns token auth on for clusters started with ``ray start --head``, but its
+    ``JobSubmissionClient`` sends the token (``~/.ray/auth_token``, ``RAY_AUTH_TOKEN``) only when
+    ``RAY_AUTH_MODE=token``; without it every call is refused as "Missing authentication token".
+    An explicit ``RAY_AUTH_MODE`` (e.g. ``disabled``) is respected; Ray does the reading.
+    """
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:  # a Ray without token auth
+        return
+    quiet = logging.getLogger(maybe_enable_token_auth_if_token_available.__module__)
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # its "token authentication is enabled" warning is no news to a client
+    try:
+        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    finally:
+        quiet.setLevel(level)
+
+
+class RayJobsLauncher:
+    """Ray Jobs through the dashboard's REST API (``JobSubmissionClient``)."""
+
+    def __init__(self, dashboard_url: str) -> None:
+        from ray.job_submission import JobSubmissionClient
+
+        _use_cluster_token()
+        self.url = dashboard_url
+        try:
+            self._client = JobSubmissionClient(dashboard_url)
+        except (ConnectionError, RuntimeError, OSError) as err:
+            raise ClusterError(
+                f"{dashboard_url}: Ray dashboard unreachable ({type(err).__name__}); check "
+                "ALEXNET_DIST_RAY_DASHBOARD and that the Ray head runs with the dashboard (ray[default])"
+            ) from None
+
+    def _fail(self, what: str, err: Exception) -> ClusterError:
+        text = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        return ClusterError(f"{what}: Ray refused or is unreachable ({text}); check {self.url}")
+
+    def submit(self, submission_id: str, entrypoint: str, env: dict[str, str]) -> None:
+        try:
+            self._client.submit_job(
+                entrypoint=entrypoint, submission_id=submission_id, runtime_env={"env_vars": env}
+            )
+        except Exception as err:
+            if "already exists" in str(err):  # launched before: the submission id makes launching once
+                log.info("Ray job %s: already submitted", submission_id)
+                return
+            raise self._fail(f"Ray job {submission_id}", err) from None
+
+    def status(self, submission_id: str) -> LaunchStatus | None:
+        try:
+            info = self._client.get_job_info(submission_id)
+        except Exception as err:
+            if "does not exist" in str(err):
+                return None
+            raise self._fail(f"Ray job {submission_id}", err) from None
+        return LaunchStatus(str(info.status.value), info.message or "")
+
+    def statuses(self) -> dict[str, LaunchStatus]:
+        try:
+            jobs = self._client.list_jobs()
+        except Exception as err:
+            raise self._fail("Ray jobs", err) from None
+        return {
+            j.submission_id: LaunchStatus(str(j.status.value), j.message or "")
+            for j in jobs
+            if j.submission_id
+        }
+
+    def stop(self, submission_id: str) -> None:
+        try:
+            self._client.stop_job(submission_id)
+        except Exception as err:
+            if "does not exist" not in str(err):
+                raise self._fail(f"Ray job {submission_id}", err) from None
+
+    def logs(self, submission_id: str) -> str:
+        try:
+            return self._client.get_job_logs(submission_id)
+        except Exception as err:
+            raise self._fail(f"Ray job {submission_id}", err) from None
+
+    def nodes(self) -> list[dict[str, float]]:
+        from ray.util.state import list_nodes
+
+        try:
+            nodes = list_nodes(address=self.url, filters=[("state", "=", "ALIVE")])
+        except Exception as err:
+            raise self._fail("Ray nodes", err) from None
+        return [dict(n.resources_total) for n in nodes]

@@ -1,0 +1,148 @@
+"""The operations users invoke on jobs: submit, list, get, cancel, resume, result, watch and logs.
+
+One layer that the CLI calls, and the HTTP API will call, so the two cannot drift apart: each operation
+validates what it is given, reads or changes the store (every change one of its atomic scripts), and
+raises the package's exceptions (:mod:`alexnet_dist.errors`). Nothing here prints or exits; the caller
+turns results into output and exceptions into exit codes or HTTP statuses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from alexnet_dist.data.manifest import load_manifest
+from alexnet_dist.errors import AlexNetDistError, ConfigError, QueueError
+from alexnet_dist.service.events import read_events
+from alexnet_dist.service.launcher import Launcher
+from alexnet_dist.service.store import TERMINAL, JobRecord, JobState, JobStore
+from alexnet_dist.spec import JobSpec
+
+__all__ = ["JobService", "check_data"]
+
+_TERMINAL = frozenset(s.value for s in TERMINAL)
+
+
+def check_data(spec: JobSpec, *, endpoint_url: str | None) -> None:
+    """The manifests must exist and name as many classes as the model has outputs."""
+    for field in ("train", "val"):
+        url = getattr(spec.data, field)
+        try:
+            manifest = load_manifest(url, endpoint_url=endpoint_url)
+        except AlexNetDistError as err:
+            raise ConfigError(f"data.{field}: {err}") from None
+        if len(manifest.classes) != spec.model.num_classes:
+            raise ConfigError(
+                f"data.{field}: {url} has {len(manifest.classes)} classes but model.num_classes="
+                f"{spec.model.num_classes}; set model.num_classes={len(manifest.classes)}"
+            )
+
+
+class JobService:
+    """The operations on one job store.
+
+    ``endpoint_url`` is the S3 endpoint the manifests are read from at submit. ``launcher`` makes the
+    cluster client on first use: connecting to Ray is slow, and only :meth:`logs` needs it.
+    """
+
+    def __init__(
+        self,
+        store: JobStore,
+        *,
+        endpoint_url: str | None = None,
+        launcher: Callable[[], Launcher] | None = None,
+        watch_block_ms: int = 1000,
+    ) -> None:
+        self.store = store
+        self.endpoint_url = endpoint_url
+        self._make_launcher = launcher
+        self._launcher: Launcher | None = None
+        self.watch_block_ms = watch_block_ms  # longest wait for new events before checking the job's state
+
+    # -- what users do ---------------------------------------------------------------------------------
+
+    def submit(
+        self, spec: JobSpec, *, priority: int | None = None, client_key: str | None = None
+    ) -> tuple[JobRecord, bool]:
+        """Queue a job; returns (record, created). Nothing is queued if the spec's manifests are wrong."""
+        check_data(spec, endpoint_url=self.endpoint_url)
+        return self.store.submit(spec, priority=priority, client_key=client_key)
+
+    def list(self, state: JobState | None = None, *, limit: int | None = None) -> list[JobRecord]:
+        """Jobs in submission order (newest last), optionally only of ``state``, only the newest ``limit``."""
+        return self.store.list(state, limit=limit)
+
+    def get(self, job_id: str) -> JobRecord:
+        return self.store.get(job_id)
+
+    def cancel(self, job_id: str) -> JobRecord:
+        """Cancel at once if queued; otherwise flag it, and the dispatcher stops its Ray Job."""
+        return self.store.cancel(job_id)
+
+    def resume(self, job_id: str) -> JobRecord:
+        """Queue a FAILED or CANCELLED job again as a new attempt; it continues from its newest checkpoint."""
+        return self.store.resume(job_id)
+
+    def result(self, job_id: str) -> dict[str, Any]:
+        """The final result with ``job_id``; a :class:`QueueError` until the job has SUCCEEDED."""
+        rec = self.store.get(job_id)
+        if rec.state is not JobState.SUCCEEDED or rec.result is None:
+            raise QueueError(
+                f"job {job_id}: {rec.state.value}, no result yet; "
+                f"follow it with `alexnet-dist watch {job_id}`"
+            )
+        return {"job_id": rec.id, **rec.result}
+
+    def watch(self, job_id: str, *, follow: bool = True, after: str = "0-0") -> Iterator[tuple[str, dict]]:
+        """The job's events as (stream entry id, event): its stream after ``after``, then, when following,
+        new ones until the job has ended. Safe to stop and start again (pass the last id as ``after``).
+
+        An unknown job raises here, before any event.
+        """
+        self.store.get(job_id)
+        return self._events(job_id, follow, after)
+
+    def _events(self, job_id: str, follow: bool, after: str) -> Iterator[tuple[str, dict]]:
+        last = after
+        state = ""  # of the newest state event seen: a resumed job's stream holds an earlier attempt's end
+
+        def drain(block_ms: int | None) -> Iterator[tuple[str, dict]]:
+            nonlocal last, state
+            for entry_id, event in read_events(
+                self.store.client, self.store.keys, job_id, after=last, block_ms=block_ms
+            ):
+                last = entry_id
+                if event.get("type") == "state":
+                    state = str(event.get("state"))
+                yield entry_id, event
+
+        yield from drain(None)
+        while follow and state not in _TERMINAL:
+            yield from drain(self.watch_block_ms)
+            if state not in _TERMINAL and self.store.get(job_id).state in TERMINAL:
+                yield from drain(None)  # the end's state event is written with the state: read it too
+                return
+
+    def logs(self, job_id: str, *, attempt: int | None = None) -> str:
+        """The driver log of the job's Ray Job for ``attempt`` (default: the current one)."""
+        rec = self.store.get(job_id)
+        if self._launcher is None:
+            if self._make_launcher is None:
+                raise ConfigError("job logs: no cluster to read them from; pass a launcher to JobService")
+            self._launcher = self._make_launcher()
+        return self._launcher.logs(f"{rec.id}-{attempt or rec.attempt}")
+
+    # -- what a Ray Job's driver does ------------------------------------------------------------------
+
+    def current_attempt(self, job_id: str, attempt: int) -> JobRecord:
+        """The job's record if ``attempt`` is still its current one: a superseded attempt must not train."""
+        rec = self.store.get(job_id)
+        if rec.attempt != attempt:
+            raise QueueError(
+                f"job {job_id}: attempt {attempt} is stale (current {rec.attempt}); not running it"
+            )
+        return rec
+
+    def store_result(self, job_id: str, result: dict[str, Any]) -> None:
+        """Keep the final result in the record and publish it on the results channel."""
+        self.store.store_result(job_id, result)
