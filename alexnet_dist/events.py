@@ -12,9 +12,10 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import redis
+if TYPE_CHECKING:
+    import redis
 
 __all__ = ["STREAM_MAXLEN", "EventPublisher", "EventTarget", "encode_event"]
 
@@ -74,6 +75,8 @@ class EventPublisher:
         self.dropped = 0  # events lost to Redis errors, for the curious
 
     def _connection(self) -> redis.Redis | None:
+        import redis  # here, not at the top: a run without a job store (the local runner) needs no redis
+
         if self._client is None and time.monotonic() >= self._retry_at:
             self._client = redis.Redis.from_url(self._url, socket_connect_timeout=2.0, socket_timeout=5.0)
         return self._client
@@ -97,7 +100,7 @@ class EventPublisher:
             if self._failing:
                 log.info("%s: event publishing to Redis works again", self._stream)
                 self._failing = False
-        except (redis.RedisError, OSError) as err:
+        except (_redis_errors(), OSError) as err:
             self.dropped += 1
             if not self._failing:
                 log.warning("%s: events not published, Redis error (%s); retrying later", self._stream, err)
@@ -109,9 +112,15 @@ class EventPublisher:
         if self._client is not None:
             try:
                 self._client.close()
-            except (redis.RedisError, OSError):
+            except (_redis_errors(), OSError):
                 pass
             self._client = None
 
     def close(self) -> None:
         self._drop_client()
+
+
+def _redis_errors() -> type[Exception]:
+    import redis
+
+    return redis.RedisError

@@ -64,7 +64,9 @@ class OptimSpec(_Frozen):
 class TrainSpec(_Frozen):
     epochs: int = Field(90, ge=1)
     batch_size: int = Field(128, ge=1)  # global: split evenly over the workers (must divide)
-    bf16: bool = True  # autocast on GPU; ignored on CPU
+    # bf16 autocast on GPU (ignored on CPU): convolutions and matmuls in bf16; LRN is computed in float32
+    # (its sum of squares times a small alpha would lose its bits in bf16), softmax and the loss too.
+    bf16: bool = True
     channels_last: bool = True  # on GPU; ignored on CPU
     ten_crop_eval: bool = True  # final evaluation on ten crops (section 4.1)
     log_every_steps: int = Field(50, ge=1)
@@ -76,6 +78,12 @@ class TrainSpec(_Frozen):
     # DDP gradient all-reduce in bf16 (torch's bf16_compress_hook): halves the traffic per step; pays
     # when the link, not the GPUs, bounds the step (see cluster/README.md).
     grad_compression: Literal["none", "bf16"] = "none"
+    # On GPU: let float32 convolutions and matmuls use TF32 (faster, 10-bit mantissa). False: exact float32.
+    tf32: bool = True
+    # On GPU: cuDNN's deterministic algorithms and torch.use_deterministic_algorithms, so a resumed run
+    # repeats an uninterrupted one bit for bit (slower). Off, cuDNN picks the fastest algorithms (benchmark
+    # mode), which may differ from run to run in the last bits. The CPU path is deterministic either way.
+    deterministic: bool = False
 
 
 class ScalingSpec(_Frozen):
@@ -93,6 +101,12 @@ class ScalingSpec(_Frozen):
 class CheckpointSpec(_Frozen):
     storage: str | None = None  # file://, a local path or s3://bucket/prefix; None: the service default
     every_steps: int = Field(0, ge=0)  # also checkpoint every N steps inside an epoch; 0 = epoch ends only
+    # Also checkpoint when this many minutes passed since the last one (checked every log_every_steps steps,
+    # agreed by all ranks); 0 = off. A time cadence keeps the cost of checkpoints bounded on fast GPUs.
+    every_minutes: float = Field(0.0, ge=0.0)
+    # Mid-run checkpoints upload in the background (Ray Train's ASYNC mode) while training goes on; the
+    # final one always uploads before the run ends. False: every rank waits for each upload.
+    async_upload: bool = True
     keep: int = Field(3, ge=1)  # newest checkpoints kept
 
 
@@ -187,7 +201,7 @@ def absolute_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
 
 
 def load_spec(path: str | Path, overrides: list[str] | None = None, *, base: Path | None = None) -> JobSpec:
-    """Read a TOML job spec; every error names the file and the field.
+    """Read a job spec (TOML; JSON when the file ends in ``.json``); every error names the file and the field.
 
     Relative local paths in it (manifests, checkpoint storage) are taken from ``base``, the current
     directory by default, and stored absolute, since the job runs in other processes and directories.
@@ -197,9 +211,17 @@ def load_spec(path: str | Path, overrides: list[str] | None = None, *, base: Pat
         text = p.read_text()
     except FileNotFoundError:
         raise ConfigError(f"{p}: no such spec file; see jobs/ for examples") from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{p}: not valid TOML ({err})") from None
+    if p.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except ValueError as err:
+            raise ConfigError(f"{p}: not valid JSON ({err})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: a spec is a JSON object, not {type(data).__name__}")
+    else:
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{p}: not valid TOML ({err})") from None
     data = absolute_paths(apply_overrides(data, overrides or []), base or Path.cwd())
     return parse_spec(data, source=str(p))

@@ -191,6 +191,17 @@ class Tower(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
 
+def _cross(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``, in the compute dtype when autocast runs there: maps cross between the towers'
+    devices in bf16, not in the float32 that LRN and pooling hand on (the next layer would cast anyway).
+    On one device it is ``t`` itself."""
+    if t.device == device:
+        return t
+    if torch.is_autocast_enabled(device.type) and t.dtype == torch.float32:
+        t = t.to(torch.get_autocast_dtype(device.type))
+    return t.to(device, non_blocking=True)
+
+
 class AlexNet(nn.Module):
     """AlexNet as two towers on ``devices = (d0, d1)``; logits come back on ``d0``."""
 
@@ -250,21 +261,24 @@ class AlexNet(nn.Module):
             a, b = ta.lrn.relu_forward(a), tb.lrn.relu_forward(b)
         return ta.pool(a), tb.pool(b)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, x_b: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits on d0. ``x_b``: tower B's copy of the input, already on d1 (the training loop normalizes
+        the uint8 batch on each device rather than send floats from d0); by default ``x`` goes to both."""
         d0, d1 = self._devices
         ta, tb = self.tower_a, self.tower_b
-        xa, xb = x.to(d0, non_blocking=True), x.to(d1, non_blocking=True)
+        xa = x.to(d0, non_blocking=True)
+        xb = x_b if x_b is not None else x.to(d1, non_blocking=True)
         a, b = self._lrn_pool(ta.conv1(xa), tb.conv1(xb))
         a, b = self._lrn_pool(ta.conv2(a), tb.conv2(b))
         # conv3: each tower sees both towers' maps, in the order (A, B) as in a grouped convolution.
-        a, b = torch.cat([a, b.to(d0)], dim=1), torch.cat([a.to(d1), b], dim=1)
+        a, b = torch.cat([a, _cross(b, d0)], dim=1), torch.cat([_cross(a, d1), b], dim=1)
         a, b = F.relu(ta.conv3(a), inplace=True), F.relu(tb.conv3(b), inplace=True)
         a, b = F.relu(ta.conv4(a), inplace=True), F.relu(tb.conv4(b), inplace=True)
         a, b = F.relu(ta.conv5(a), inplace=True), F.relu(tb.conv5(b), inplace=True)
         a, b = ta.pool(a).flatten(1), tb.pool(b).flatten(1)
         # fc6: flatten(cat(A, B)) == cat(flatten(A), flatten(B)) since channels are the outer dim.
-        a, b = torch.cat([a, b.to(d0)], dim=1), torch.cat([a.to(d1), b], dim=1)
+        a, b = torch.cat([a, _cross(b, d0)], dim=1), torch.cat([_cross(a, d1), b], dim=1)
         a, b = ta.dropout(F.relu(ta.fc6(a), inplace=True)), tb.dropout(F.relu(tb.fc6(b), inplace=True))
-        a, b = torch.cat([a, b.to(d0)], dim=1), torch.cat([a.to(d1), b], dim=1)
+        a, b = torch.cat([a, _cross(b, d0)], dim=1), torch.cat([_cross(a, d1), b], dim=1)
         a, b = ta.dropout(F.relu(ta.fc7(a), inplace=True)), tb.dropout(F.relu(tb.fc7(b), inplace=True))
-        return self.fc8(torch.cat([a, b.to(d0)], dim=1))
+        return self.fc8(torch.cat([a, _cross(b, d0)], dim=1))

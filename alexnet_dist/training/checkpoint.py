@@ -74,7 +74,10 @@ def read_checkpoint(directory: str | Path) -> dict[str, Any]:
 
 
 def _sibling_checkpoints(latest: Any) -> list[Any]:
-    """Every checkpoint directory beside ``latest`` (a ray.train.Checkpoint), newest first."""
+    """Every checkpoint directory beside ``latest`` (a ray.train.Checkpoint, or anything with a
+    ``siblings()`` method, as the local runner's checkpoints), newest first."""
+    if hasattr(latest, "siblings"):
+        return latest.siblings()
     import pyarrow.fs as pafs
     from ray.train import Checkpoint
 

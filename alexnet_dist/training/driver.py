@@ -20,7 +20,15 @@ from alexnet_dist.settings import Settings
 from alexnet_dist.spec import JobSpec
 from alexnet_dist.training.loop import train_loop_per_worker
 
-__all__ = ["TrainResult", "build_trainer", "resolve_storage", "run_training"]
+__all__ = [
+    "TrainResult",
+    "build_trainer",
+    "process_group_backend",
+    "resolve_storage",
+    "result_from_metrics",
+    "run_training",
+    "worker_config",
+]
 
 
 @dataclass(frozen=True)
@@ -72,6 +80,36 @@ def resolve_storage(url: str, *, settings: Settings) -> _Storage:
     return _Storage(f"file://{path}", path, None)
 
 
+def process_group_backend(spec: JobSpec) -> str:
+    """The torch.distributed backend: gloo on CPUs; on GPUs NCCL for CUDA tensors and gloo for CPU ones.
+
+    Plain ``"nccl"`` serves CUDA tensors only, and a collective on a CPU tensor would fail there.
+    """
+    return "cpu:gloo,cuda:nccl" if spec.scaling.gpus_per_worker else "gloo"
+
+
+def worker_config(
+    spec: JobSpec,
+    *,
+    run_name: str,
+    settings: Settings,
+    events: EventTarget | None = None,
+    fault: dict[str, Any] | None = None,
+) -> tuple[dict[str, Any], _Storage]:
+    """What every worker's loop is given (JSON-able), and where the run lives."""
+    store = resolve_storage(spec.checkpoint.storage or settings.storage_root, settings=settings)
+    config = {
+        "spec": spec.to_json(),
+        "run_name": run_name,
+        "events": events.to_dict() if events is not None else None,
+        "s3_endpoint_url": settings.s3_endpoint_url,
+        "model_url": f"{store.url}/{run_name}/model.pt",
+        "backend": process_group_backend(spec),
+        "fault": fault,
+    }
+    return config, store
+
+
 def build_trainer(
     spec: JobSpec,
     *,
@@ -88,24 +126,16 @@ def build_trainer(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    store = resolve_storage(spec.checkpoint.storage or settings.storage_root, settings=settings)
+    config, store = worker_config(spec, run_name=run_name, settings=settings, events=events, fault=fault)
     gpus = spec.scaling.gpus_per_worker
     resources = {"CPU": spec.scaling.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
-    config = {
-        "spec": spec.to_json(),
-        "run_name": run_name,
-        "events": events.to_dict() if events is not None else None,
-        "s3_endpoint_url": settings.s3_endpoint_url,
-        "model_url": f"{store.url}/{run_name}/model.pt",
-        "fault": fault,
-    }
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
         scaling_config=ScalingConfig(
             num_workers=spec.scaling.workers, use_gpu=gpus > 0, resources_per_worker=resources
         ),
-        torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
+        torch_config=TorchConfig(backend=config["backend"]),
         run_config=RunConfig(
             name=run_name,
             storage_path=store.storage_path,
@@ -142,7 +172,7 @@ def run_training(
             ) from None
     trainer, config = build_trainer(spec, run_name=run_name, settings=settings, events=events, fault=fault)
     if not resume:
-        _refuse_existing_run(config, settings)
+        refuse_existing_run(config, settings)
     t0 = time.perf_counter()
     import ray.train
 
@@ -156,9 +186,13 @@ def run_training(
         ) from err
     if result.error is not None:
         raise ClusterError(f"training run {run_name!r} failed: {result.error}")
-    final = json.loads(result.metrics["final"])
-    ckpt = result.checkpoint
-    history = json.loads(result.metrics["history"])
+    return result_from_metrics(result.metrics, time.perf_counter() - t0, _checkpoint_url(result.checkpoint))
+
+
+def result_from_metrics(metrics: dict[str, Any], seconds: float, checkpoint_url: str | None) -> TrainResult:
+    """The result from the loop's last report (its ``final`` and ``history`` metrics)."""
+    final = json.loads(metrics["final"])
+    history = json.loads(metrics["history"])
     return TrainResult(
         top1_error=final["top1_error"],
         top5_error=final["top5_error"],
@@ -168,11 +202,11 @@ def run_training(
         val_samples=final["val_samples"],
         epochs=final["epochs"],
         steps=final["steps"],
-        seconds=time.perf_counter() - t0,
+        seconds=seconds,
         train_seconds=final["train_seconds"],
         images_per_s=final["images_per_s"],
         model_url=final["model_url"],
-        checkpoint_url=_checkpoint_url(ckpt),
+        checkpoint_url=checkpoint_url,
         history=history,
     )
 
@@ -184,7 +218,7 @@ def _checkpoint_url(ckpt: Any) -> str | None:
     return f"s3://{ckpt.path}" if "S3" in fs_name else f"file://{ckpt.path}"
 
 
-def _refuse_existing_run(config: dict[str, Any], settings: Settings) -> None:
+def refuse_existing_run(config: dict[str, Any], settings: Settings) -> None:
     from alexnet_dist import storage
 
     run_url = config["model_url"].rsplit("/", 1)[0]

@@ -27,14 +27,18 @@ class EvalResult:
         return 1.0 - self.top5_correct / self.samples if self.samples else float("nan")
 
 
+def topk_counts(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> torch.Tensor:
+    """[hits at each k..., real samples] as int64 on the scores' device, with no host sync: a row counts
+    when its label is among its k highest scores; labels < 0 (padding) never match and are not counted."""
+    k_max = min(max(ks), scores.shape[1])
+    hits = scores.topk(k_max, dim=1).indices == labels[:, None]
+    counts = [hits[:, : min(k, k_max)].any(dim=1).sum() for k in ks]
+    return torch.stack([*counts, (labels >= 0).sum()])
+
+
 def topk_correct(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> list[int]:
     """How many rows have their label among the k highest scores, for each k; labels < 0 are padding."""
-    keep = labels >= 0
-    scores, labels = scores[keep], labels[keep]
-    k_max = min(max(ks), scores.shape[1])
-    top = scores.topk(k_max, dim=1).indices
-    hits = top == labels[:, None]
-    return [int(hits[:, : min(k, k_max)].any(dim=1).sum()) for k in ks]
+    return [int(c) for c in topk_counts(scores, labels, ks)[:-1]]
 
 
 @torch.no_grad()
@@ -57,21 +61,28 @@ def evaluate(
     devices: tuple[torch.device, torch.device],
     autocast: Any = None,
     world: int = 1,
+    feed: Any = None,
 ) -> EvalResult:
-    """Run ``model`` (not the DDP wrapper: ranks may see different batch counts) over ``loader``."""
+    """Run ``model`` (not the DDP wrapper: ranks may see different batch counts) over ``loader``.
+
+    Counts stay on the device until the end (one all-reduce, one read). ``feed``: the training loop's
+    :class:`~alexnet_dist.training.inputs.DeviceFeed` (its constants are on the devices already).
+    """
     was_training = model.training
     model.eval()
-    counts = torch.zeros(3, dtype=torch.float64)
+    counts = torch.zeros(3, dtype=torch.int64, device=devices[0])
     for batch in loader:
-        x = normalize(batch.images, batch.lighting, mean, std, device=devices[0])
+        if feed is not None:
+            x = feed.normalize(batch.images, batch.lighting, devices[0])
+        else:
+            x = normalize(batch.images, batch.lighting, mean, std, device=devices[0])
         with autocast or contextlib.nullcontext():
             probs = predict(model, x)
-        labels = batch.labels.to(probs.device)
-        c1, c5 = topk_correct(probs, labels)
-        counts += torch.tensor([c1, c5, int((labels >= 0).sum())], dtype=torch.float64)
+        counts += topk_counts(probs, batch.labels.to(probs.device, non_blocking=True))
     if world > 1:
         import torch.distributed as dist
 
         dist.all_reduce(counts)
     model.train(was_training)
-    return EvalResult(int(counts[0]), int(counts[1]), int(counts[2]))
+    c1, c5, n = counts.tolist()
+    return EvalResult(int(c1), int(c5), int(n))

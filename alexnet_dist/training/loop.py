@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -38,6 +39,7 @@ from alexnet_dist.model.network import AlexNet
 from alexnet_dist.spec import JobSpec
 from alexnet_dist.training.checkpoint import checkpoint_dir_name, load_newest_good, write_checkpoint
 from alexnet_dist.training.evaluation import EvalResult, evaluate
+from alexnet_dist.training.inputs import DeviceFeed
 from alexnet_dist.training.schedule import LRSchedule
 from alexnet_dist.training.session import RaySession, Session
 from alexnet_dist.training.sinks import Sinks, make_sinks
@@ -91,7 +93,9 @@ class Worker:
     eval_loader: Callable[[str], Any]  # mode ("val" or "ten_crop") -> a loader over the validation set
     train_manifest: Any
     autocast: Any
+    feed: DeviceFeed
     progress: Progress = field(default_factory=Progress)
+    last_checkpoint: float = field(default_factory=time.monotonic)  # when the newest checkpoint was taken
 
     @property
     def rank(self) -> int:
@@ -108,7 +112,7 @@ class Worker:
     def evaluate(self, mode: str) -> EvalResult:
         m = self.train_manifest
         return evaluate(self.model, self.eval_loader(mode), m.mean, m.std, devices=self.devices,
-                        autocast=self.autocast, world=self.world)  # fmt: skip
+                        autocast=self.autocast, world=self.world, feed=self.feed)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------
@@ -125,7 +129,9 @@ def setup(config: dict[str, Any], session: Session) -> Worker:
     rank, world = session.rank, session.world_size
     d0, d1 = session.devices(spec.scaling.devices)
     on_gpu = d0.type == "cuda"
-    if not on_gpu:
+    if on_gpu:
+        configure_gpu(spec)
+    else:
         torch.set_num_threads(max(1, int(spec.scaling.cpus_per_worker)))
     endpoint = config.get("s3_endpoint_url")
     sinks = make_sinks(config, rank)
@@ -150,6 +156,7 @@ def setup(config: dict[str, Any], session: Session) -> Worker:
         seed=spec.seed,
         num_workers=spec.data.loader_workers,
         max_bad_fraction=spec.data.max_bad_fraction,
+        pin_memory=on_gpu,  # page-locked batches: their copies to the GPU run asynchronously
     )
     train_loader = make_loader(
         train_manifest,
@@ -186,8 +193,24 @@ def setup(config: dict[str, Any], session: Session) -> Worker:
 
     schedule = LRSchedule.from_spec(spec.optim, steps_per_epoch=len(train_loader), epochs=spec.train.epochs)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu and spec.train.bf16)
+    feed = DeviceFeed(train_manifest.mean, train_manifest.std, (d0, d1),
+                      channels_last=on_gpu and spec.train.channels_last)  # fmt: skip
     return Worker(spec, config, session, sinks, (d0, d1), cfg, model, net, optimizer, schedule,
-                  train_loader, eval_loader, train_manifest, autocast)  # fmt: skip
+                  train_loader, eval_loader, train_manifest, autocast, feed)  # fmt: skip
+
+
+def configure_gpu(spec: JobSpec) -> None:
+    """cuDNN and TF32 as the spec asks: benchmark mode for the fixed shapes of a run, unless the run must
+    be deterministic; TF32 for float32 convolutions and matmuls unless exact float32 is asked for."""
+    deterministic = spec.train.deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cuda.matmul.allow_tf32 = spec.train.tf32
+    torch.backends.cudnn.allow_tf32 = spec.train.tf32
+    if deterministic:
+        # cuBLAS needs a fixed workspace for repeatable results; it reads this when it starts.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
 
 
 def _data_parallel(model: AlexNet, spec: JobSpec, world: int, on_gpu: bool) -> torch.nn.Module:
@@ -219,6 +242,7 @@ def resume(w: Worker) -> None:
     ckpt, state = restored
     w.model.load_state_dict(state["model"])
     w.optimizer.load_state_dict(state["optimizer"])
+    align_optimizer_state(w.optimizer)
     w.schedule.load_state_dict(state["schedule"])
     p = w.progress
     p.epoch, p.step, p.global_step = state["epoch"], state["step"], state["global_step"]
@@ -233,14 +257,36 @@ def resume(w: Worker) -> None:
              "from": ckpt.path})  # fmt: skip
 
 
+def align_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Lay every per-parameter state tensor (momentum) out as its parameter is.
+
+    ``load_state_dict`` keeps the saved tensors' strides, and fused SGD walks a parameter and its momentum
+    buffer as flat memory: a channels-last weight with an NCHW buffer (a run resumed on another layout or
+    device type) would be updated with the wrong momentum. The values are kept; only the layout changes.
+    """
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for key, value in optimizer.state.get(param, {}).items():
+                is_like = isinstance(value, torch.Tensor) and value.shape == param.shape
+                if is_like and value.stride() != param.stride():
+                    optimizer.state[param][key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
 def save(w: Worker, *, finished: bool = False, metrics: dict[str, Any] | None = None) -> None:
-    """Every rank calls this (reporting is a barrier); rank 0 writes the checkpoint."""
+    """Every rank calls this (reporting is a barrier); rank 0 writes the checkpoint.
+
+    Mid-run checkpoints upload in the background when the spec allows it (the runner deletes the folder
+    once uploaded); the final one is uploaded before this returns.
+    """
     p, spec = w.progress, w.spec
     metrics = {"epoch": p.epoch, "step": p.step, "global_step": p.global_step, **(metrics or {})}
+    w.last_checkpoint = time.monotonic()
+    background = spec.checkpoint.async_upload and not finished
     if w.rank != 0:
         w.session.report(metrics, None, None)
         return
-    with tempfile.TemporaryDirectory() as tmp:
+    tmp = tempfile.mkdtemp(prefix="alexnet-ckpt-")
+    try:
         write_checkpoint(
             tmp,
             {
@@ -259,7 +305,10 @@ def save(w: Worker, *, finished: bool = False, metrics: dict[str, Any] | None = 
                 "finished": finished,
             },
         )
-        w.session.report(metrics, tmp, checkpoint_dir_name(p.global_step))
+        w.session.report(metrics, tmp, checkpoint_dir_name(p.global_step), background=background)
+    finally:
+        if not background:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -287,37 +336,31 @@ def _seed_devices(seed: int, devices: tuple[torch.device, torch.device]) -> None
 
 def train_epoch(w: Worker) -> tuple[torch.Tensor, int, float]:
     """The rest of the current epoch's steps: (this rank's loss sum, its real samples, seconds)."""
-    from alexnet_dist.data.augment import normalize
 
     spec, p, (d0, _) = w.spec, w.progress, w.devices
     steps_per_epoch = len(w.train_loader)
-    mean, std = w.train_manifest.mean, w.train_manifest.std
     w.train_loader.set_epoch(p.epoch)
     if p.step:
         w.train_loader.load_state_dict({"epoch": p.epoch, "batches": p.step, "seed": spec.seed})
     w.net.train()
-    loss_sum = torch.zeros((), dtype=torch.float64)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=d0)  # summed on the device: no sync a step
     seen = 0
     t_epoch = time.perf_counter()
     t_log, seen_log = t_epoch, 0
-    for batch in w.train_loader:
+    for batch in w.feed(w.train_loader):
         for g in w.optimizer.param_groups:
             g["lr"] = w.schedule.lr_at(p.global_step)
         _seed_devices(_step_seed(spec.seed, p.global_step, w.rank), w.devices)
-        channels_last = w.on_gpu and spec.train.channels_last
-        x = normalize(batch.images, batch.lighting, mean, std, device=d0, channels_last=channels_last)
-        y = batch.labels.to(d0, non_blocking=True)
         with w.autocast:
-            loss = training_loss(w.net(x), y, spec.train.label_smoothing)
+            loss = training_loss(w.net(*batch.inputs), batch.labels, spec.train.label_smoothing)
         w.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         w.optimizer.step()
         p.step += 1
         p.global_step += 1
         _maybe_die(w.config.get("fault"), w.rank, p.global_step)
-        n_valid = int((y >= 0).sum())
-        loss_sum += loss.detach().double().cpu() * n_valid  # loss is a mean over the batch
-        seen += n_valid
+        loss_sum += loss.detach().double() * batch.valid  # loss is a mean over the batch
+        seen += batch.valid
         if p.step % spec.train.log_every_steps == 0 or p.step == steps_per_epoch:
             now = time.perf_counter()
             w.sinks(
@@ -333,10 +376,27 @@ def train_epoch(w: Worker) -> tuple[torch.Tensor, int, float]:
                 }
             )
             t_log, seen_log = now, seen
-        every = spec.checkpoint.every_steps
-        if every and p.step % every == 0 and p.step < steps_per_epoch:
+        if p.step < steps_per_epoch and _checkpoint_due(w):
             save(w)
     return loss_sum, seen, time.perf_counter() - t_epoch
+
+
+def _checkpoint_due(w: Worker) -> bool:
+    """Whether every rank checkpoints after this step: every ``every_steps`` steps, or (checked on log
+    steps only, so the ranks' agreement costs one tiny all-reduce there) once ``every_minutes`` passed."""
+    spec, p = w.spec, w.progress
+    every = spec.checkpoint.every_steps
+    if every and p.step % every == 0:
+        return True
+    minutes = spec.checkpoint.every_minutes
+    if not minutes or p.step % spec.train.log_every_steps:
+        return False
+    due = torch.tensor([time.monotonic() - w.last_checkpoint >= minutes * 60], dtype=torch.int32)
+    if w.world > 1:  # rank clocks differ: checkpoint when any rank's is due, all at this same step
+        import torch.distributed as dist
+
+        dist.all_reduce(due, op=dist.ReduceOp.MAX)
+    return bool(due.item())
 
 
 def _maybe_die(fault: dict[str, Any] | None, rank: int, global_step: int) -> None:
@@ -382,9 +442,9 @@ def _all_mean(total: torch.Tensor, count: int, world: int) -> float:
     if world > 1:
         import torch.distributed as dist
 
-        t = torch.tensor([float(total), float(count)], dtype=torch.float64)
-        dist.all_reduce(t)
-        return float(t[0] / max(t[1], 1.0))
+        t = torch.stack([total, torch.tensor(float(count), dtype=torch.float64, device=total.device)])
+        dist.all_reduce(t)  # on the device the sum lives on: NCCL on a GPU, gloo on the CPU
+        total, count = t[0], int(t[1])
     return float(total) / max(count, 1)
 
 

@@ -28,8 +28,16 @@ class Session(Protocol):
         """The run's newest committed checkpoint (a ``ray.train.Checkpoint``-like object), or None."""
         ...
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, name: str | None) -> None:
-        """A barrier over every rank; rank 0 passes the directory of the checkpoint it wrote."""
+    def report(
+        self,
+        metrics: dict[str, Any],
+        checkpoint_dir: str | None,
+        name: str | None,
+        *,
+        background: bool = False,
+    ) -> None:
+        """A barrier over every rank; rank 0 passes the directory of the checkpoint it wrote. With
+        ``background`` the upload may finish after this returns, and the runner deletes the directory."""
         ...
 
 
@@ -58,9 +66,23 @@ class RaySession:
     def latest_checkpoint(self) -> Any | None:
         return self._train.get_checkpoint()
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, name: str | None) -> None:
+    def report(
+        self,
+        metrics: dict[str, Any],
+        checkpoint_dir: str | None,
+        name: str | None,
+        *,
+        background: bool = False,
+    ) -> None:
         if checkpoint_dir is None:
             self._train.report(metrics, checkpoint=None)
             return
         checkpoint = self._train.Checkpoint.from_directory(checkpoint_dir)
-        self._train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+        mode = self._train.CheckpointUploadMode.ASYNC if background else self._train.CheckpointUploadMode.SYNC
+        self._train.report(
+            metrics,
+            checkpoint=checkpoint,
+            checkpoint_dir_name=name,
+            checkpoint_upload_mode=mode,
+            delete_local_checkpoint_after_upload=background,
+        )
