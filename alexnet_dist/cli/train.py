@@ -22,14 +22,23 @@ def train(
         None, "--run-name", help="Ray Train run name (default: the spec's name)"
     ),
     fresh: bool = typer.Option(False, "--fresh", help="refuse to continue a run that has checkpoints"),
+    local: bool = typer.Option(
+        False,
+        "--local",
+        help="train in this process, without Ray (checkpoints in a local folder); for N workers on one "
+        "node: torchrun --nproc-per-node N -m alexnet_dist.training.local SPEC",
+    ),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
-    """Train SPEC on the Ray cluster at RAY_ADDRESS (or a local Ray); resumes the run if it exists."""
-    from alexnet_dist.training.driver import run_training
-
+    """Train SPEC on the Ray cluster at RAY_ADDRESS (or a local Ray), or here with --local; resumes the
+    run if it exists."""
     spec = load_spec(spec_path, set_)
     settings = load_settings()
-    result = run_training(spec, run_name=run_name or spec.name, settings=settings, resume=not fresh)
+    if local:
+        from alexnet_dist.training.local import run_local as run
+    else:
+        from alexnet_dist.training.driver import run_training as run
+    result = run(spec, run_name=run_name or spec.name, settings=settings, resume=not fresh)
     if as_json:
         print(json.dumps(result.to_dict()))
         return
