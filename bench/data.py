@@ -9,7 +9,14 @@ Same 256x256 JPEG files (Fashion-MNIST upscaled, RGB, quality 90) three ways, sa
   crop/flip copy;
 - ``imagefolder``: torchvision ``ImageFolder`` + ``DataLoader`` over the files (PIL decode);
 - ``ceiling``: a bare decode loop over the JPEG bytes already in memory, in as many processes;
-- ``shards_s3``: our loader reading the shards from a local S3 server (moto, over HTTP).
+- ``shards_s3``: our loader reading the shards from a local S3 server (moto, over HTTP);
+- ``shards_s3_latency``: the same through a proxy that holds every GET ``--latency-ms`` before its first
+  byte (a distant S3 endpoint), over smaller shards (``--latency-shard-size``): read-ahead on (the
+  loader's default depth) against off (one streaming GET a shard, each waiting its latency in turn);
+  ``s3_latency_read_ahead_vs_off`` is the median over rounds of their whole-epoch rates' ratio (each
+  GET's wait, the first one's too, is what read-ahead hides; a few thousand images are too few for the
+  steady rate to show it, as the workers' prefetched batches pile up behind the first),
+  ``s3_latency.overlap`` the most GETs the proxy held at once with read-ahead on.
 
 Also single-process decode cost per image: PIL, PIL with ``draft``, ``torchvision.io.decode_jpeg`` (the
 ceiling's) and our crop-only decode (a mirrored 227 crop).
@@ -24,6 +31,7 @@ machine hit all sides alike), and the median run is reported: one run varies not
 when the workers keep the cores busy, and steadier than rates when other work shares the machine.
 
     .venv/bin/python bench/data.py [--images 4000] [--workers 2] [--batch 64] [--repeat 3]
+        [--only shards,shards_s3_latency] [--latency-ms 50] [--latency-shard-size 100]
 """
 
 from __future__ import annotations
@@ -59,6 +67,8 @@ from alexnet_dist.data.manifest import Manifest, ShardInfo
 from alexnet_dist.kernels import jpeg as jpeg_kernel
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' TCP proxies
+from proxies import LatencyProxy  # noqa: E402
 
 
 def make_jpegs(n: int, size: int) -> list[tuple[int, bytes]]:
@@ -126,11 +136,15 @@ def time_batches(batches) -> Rate:
     return Rate(steady, n / (end - start), (_cpu_s() - cpu0) / max(n, 1) * 1e6)
 
 
-def rate_shards(m: Manifest, args, endpoint_url: str | None = None, *, decoder: str | None = None) -> Rate:
-    """Our loader over the shards with this decoder (a name in ``DECODERS``; None: the default, ``crop``)."""
+def rate_shards(
+    m: Manifest, args, endpoint_url: str | None = None, *, decoder: str | None = None, **cfg_fields
+) -> Rate:
+    """Our loader over the shards with this decoder (a name in ``DECODERS``; None: the default, ``crop``)
+    and any other LoaderConfig fields given."""
     cfg = LoaderConfig(batch_size=args.batch, crop=args.crop, mode="train", seed=0, num_workers=args.workers)
     if decoder is not None:
         cfg = replace(cfg, decoder=decoder)
+    cfg = replace(cfg, **cfg_fields)
     loader = make_loader(m, cfg, rank=0, world_size=1, endpoint_url=endpoint_url)
     return time_batches(batch.images.shape[0] for batch in loader)
 
@@ -215,9 +229,20 @@ def _proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def copy_to_s3(m: Manifest, endpoint: str, bucket: str) -> Manifest:
+    """The manifest's local shards uploaded to ``bucket``; the manifest of the copies."""
+    storage.s3_client(endpoint).create_bucket(Bucket=bucket)
+    shards = []
+    for s in m.shards:
+        url = f"s3://{bucket}/{Path(s.url).name}"
+        storage.write_bytes(url, Path(s.url).read_bytes(), endpoint_url=endpoint)
+        shards.append(ShardInfo(url, s.count, s.bytes, s.sha256))
+    return replace(m, shards=tuple(shards))
+
+
 @contextlib.contextmanager
-def moto_copy(m: Manifest):
-    """The shards copied into a local S3 server (moto, over HTTP): (their manifest, endpoint, moto's pid)."""
+def moto_server():
+    """A local S3 server (moto, over HTTP): (its endpoint, its pid)."""
     port = free_port()
     env = {
         **os.environ,
@@ -231,20 +256,13 @@ def moto_copy(m: Manifest):
     moto = Path(sys.executable).parent / "moto_server"
     proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    endpoint = f"http://127.0.0.1:{port}"
     try:
         for _ in range(200):
             with socket.socket() as s:
                 if s.connect_ex(("127.0.0.1", port)) == 0:
                     break
             time.sleep(0.05)
-        storage.s3_client(endpoint).create_bucket(Bucket="bench")
-        shards = []
-        for s in m.shards:
-            url = f"s3://bench/{Path(s.url).name}"
-            storage.write_bytes(url, Path(s.url).read_bytes(), endpoint_url=endpoint)
-            shards.append(ShardInfo(url, s.count, s.bytes, s.sha256))
-        yield replace(m, shards=tuple(shards)), endpoint, proc.pid
+        yield f"http://127.0.0.1:{port}", proc.pid
     finally:
         proc.terminate()
         proc.wait(10)
@@ -257,9 +275,24 @@ def rate_s3(m3: Manifest, endpoint: str, moto_pid: int, args) -> tuple[Rate, flo
     return rate, (_proc_cpu_s(moto_pid) - moto_cpu) / m3.num_samples * 1e6
 
 
+def rate_s3_latency(m3: Manifest, proxy: LatencyProxy, args, read_ahead: bool) -> Rate:
+    """Our loader reading the shards through the latency proxy, read-ahead on (the default) or off."""
+    proxy.reset()
+    extra = {} if read_ahead else {"read_ahead": 0}
+    return rate_shards(m3, args, proxy.endpoint_url, **extra)
+
+
 def median_rate(rates: list[Rate]) -> Rate:
     """The run with the median steady rate (runs vary from one to the next)."""
     return sorted(rates, key=lambda r: r.steady)[len(rates) // 2]
+
+
+SIDES = ("shards", "shards_whole_decode", "imagefolder", "ceiling", "shards_s3", "shards_s3_latency")
+
+
+def _ratio(figures: dict[str, float], a: str, b: str) -> float | None:
+    """figures[a] / figures[b], rounded; None when a side was not measured."""
+    return round(figures[a] / figures[b], 3) if a in figures and b in figures and figures[b] else None
 
 
 def main() -> None:
@@ -273,16 +306,29 @@ def main() -> None:
     # CPU time of its own, so tiny shards measure the GET, not the stream
     parser.add_argument("--shard-size", type=int, default=1000)
     parser.add_argument("--repeat", type=int, default=3, help="rounds of every measurement; medians shown")
+    parser.add_argument("--only", default=",".join(SIDES), help="comma-separated sides to measure")
+    parser.add_argument("--latency-ms", type=float, default=50.0, help="wait of every GET, shards_s3_latency")
+    # smaller shards, so that an epoch of a few thousand images meets as many shard boundaries (GETs)
+    # as the bench can show: with 1,000-image shards a stream waits for a GET only twice
+    parser.add_argument("--latency-shard-size", type=int, default=100)
     args = parser.parse_args()
+    only = set(args.only.split(","))
+    if only - set(SIDES):
+        parser.error(f"--only: unknown sides {sorted(only - set(SIDES))}; use some of {', '.join(SIDES)}")
     tmp = Path(tempfile.mkdtemp(prefix="bench-data-"))
     try:
         jpegs = make_jpegs(args.images, args.size)
         write_imagefolder(tmp / "folder", jpegs)
         m = write_shards(tmp / "shards", jpegs, args.shard_size, args.size)
-        with moto_copy(m) as (m3, endpoint, moto_pid):
+        small = write_shards(tmp / "small", jpegs, args.latency_shard_size, args.size)
+        with moto_server() as (endpoint, moto_pid):
+            m3 = copy_to_s3(m, endpoint, "bench") if "shards_s3" in only else None
+            small3 = copy_to_s3(small, endpoint, "bench-small") if "shards_s3_latency" in only else None
+            proxy = LatencyProxy(endpoint, delay=args.latency_ms / 1000)
             rate_shards(m, args)  # warm the page cache and imports
             runs: dict[str, list[Rate]] = {}
             moto_us: list[float] = []
+            overlap: list[int] = []
             for _ in range(args.repeat):  # each round measures every side: drifts hit them all alike
                 for name, measure in (
                     ("shards", lambda: rate_shards(m, args)),
@@ -290,14 +336,35 @@ def main() -> None:
                     ("imagefolder", lambda: rate_imagefolder(tmp / "folder", args)),
                     ("ceiling", lambda: rate_ceiling(jpegs, args.workers)),
                 ):
-                    runs.setdefault(name, []).append(measure())
-                rate, us = rate_s3(m3, endpoint, moto_pid, args)
-                runs.setdefault("shards_s3", []).append(rate)
-                moto_us.append(us)
+                    if name in only:
+                        runs.setdefault(name, []).append(measure())
+                if m3 is not None:
+                    rate, us = rate_s3(m3, endpoint, moto_pid, args)
+                    runs.setdefault("shards_s3", []).append(rate)
+                    moto_us.append(us)
+                if small3 is not None:
+                    runs.setdefault("shards_s3_latency", []).append(
+                        rate_s3_latency(small3, proxy, args, True)
+                    )
+                    overlap.append(proxy.max_waiting)
+                    off = rate_s3_latency(small3, proxy, args, False)
+                    runs.setdefault("shards_s3_latency_off", []).append(off)
+            proxy.close()
         rates = {k: median_rate(v) for k, v in runs.items()}
-        moto_us = float(np.median(moto_us))
+        moto_cpu = round(float(np.median(moto_us)), 1) if moto_us else None
         figures = {k: r.steady for k, r in rates.items()}
+        epoch_runs = {k: v for k, v in runs.items() if k != "ceiling"}
+        # read-ahead on vs off, paired by round (they ran one after the other: a drift hits both alike)
+        on, off = runs.get("shards_s3_latency", []), runs.get("shards_s3_latency_off", [])
+        latency_ratio = (
+            round(float(np.median([a.epoch / b.epoch for a, b in zip(on, off, strict=True)])), 3)
+            if on
+            else None
+        )
         cpu = {k: r.cpu_us for k, r in rates.items()}
+        cpu_inv = {k: 1 / v for k, v in cpu.items()}  # images per CPU us: ratios of efficiency
+        if "shards_s3" in cpu:
+            cpu_inv["shards_s3_with_moto"] = 1 / (cpu["shards_s3"] + float(np.median(moto_us)))
         report = {
             "images": args.images, "workers": args.workers, "batch": args.batch, "crop": args.crop,
             "jpeg_bytes_mean": int(np.mean([len(d) for _, d in jpegs])),
@@ -305,23 +372,26 @@ def main() -> None:
             "images_per_s": {k: round(v, 1) for k, v in figures.items()},
             "images_per_s_runs": {k: [round(r.steady) for r in v] for k, v in runs.items()},
             "epoch_images_per_s": {k: round(r.epoch, 1) for k, r in rates.items() if k != "ceiling"},
-            "cpu_us_per_image": {**{k: round(v, 1) for k, v in cpu.items()}, "moto": round(moto_us, 1)},
+            "epoch_images_per_s_runs": {k: [round(r.epoch) for r in v] for k, v in epoch_runs.items()},
+            "cpu_us_per_image": {**{k: round(v, 1) for k, v in cpu.items()}, "moto": moto_cpu},
             # per-image CPU efficiency (S3: moto's CPU counted): what the rate ratios come to on an idle
             # machine, and steadier than they are when other work shares the cores
             "cpu_ratios": {
-                "shards_vs_ceiling": round(cpu["ceiling"] / cpu["shards"], 3),
-                "shards_whole_decode_vs_ceiling": round(cpu["ceiling"] / cpu["shards_whole_decode"], 3),
-                "s3_vs_local": round(cpu["shards"] / (cpu["shards_s3"] + moto_us), 3),
+                "shards_vs_ceiling": _ratio(cpu_inv, "shards", "ceiling"),
+                "shards_whole_decode_vs_ceiling": _ratio(cpu_inv, "shards_whole_decode", "ceiling"),
+                "s3_vs_local": _ratio(cpu_inv, "shards_s3_with_moto", "shards"),
             },
             "ratios": {
-                "shards_vs_imagefolder": round(figures["shards"] / figures["imagefolder"], 3),
-                "shards_vs_ceiling": round(figures["shards"] / figures["ceiling"], 3),
-                "shards_whole_decode_vs_ceiling": round(
-                    figures["shards_whole_decode"] / figures["ceiling"], 3
-                ),
-                "s3_vs_local": round(figures["shards_s3"] / figures["shards"], 3),
+                "shards_vs_imagefolder": _ratio(figures, "shards", "imagefolder"),
+                "shards_vs_ceiling": _ratio(figures, "shards", "ceiling"),
+                "shards_whole_decode_vs_ceiling": _ratio(figures, "shards_whole_decode", "ceiling"),
+                "s3_vs_local": _ratio(figures, "shards_s3", "shards"),
+                "s3_latency_read_ahead_vs_off": latency_ratio,
             },
             "targets": {"shards_vs_imagefolder": 1.0, "shards_vs_ceiling": 0.85, "s3_vs_local": 0.9},
+            "s3_latency": {"ms_per_get": args.latency_ms, "shard_size": args.latency_shard_size,
+                           "read_ahead": LoaderConfig(1, 1, "train", 0).read_ahead,
+                           "overlap": max(overlap) if overlap else None},
             "decode_single_process": decode_costs(jpegs, args.crop),
             "cpus": os.cpu_count(),
         }  # fmt: skip

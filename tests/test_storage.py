@@ -89,6 +89,29 @@ def test_s3_read_resumes_after_connection_cuts(s3):
     assert len(got) == len(data) and got == data  # nothing lost, nothing repeated
 
 
+def test_s3_read_range_resumes_inside_its_range_and_reads_past_the_end_as_empty(s3, tmp_path):
+    bucket = s3.make_bucket("store-range")
+    data = os.urandom(1_000_000)
+    url = f"s3://{bucket}/obj.bin"
+    storage.write_bytes(url, data)
+    proxy = CuttingProxy(s3.endpoint_url, cut_after=200_000, cuts=2)
+    try:
+        span = storage.read_range(url, 100_000, 699_999, endpoint_url=proxy.endpoint_url)
+    finally:
+        proxy.close()
+    assert proxy.cuts == 2 and span.etag  # cut twice inside the range: resumed with Range both times
+    assert span.start == 100_000 and span.data == data[100_000:700_000] and span.size == 1_000_000
+    tail = storage.read_range(url, 999_000, 1_999_999)  # the object ends first
+    assert tail.data == data[999_000:] and tail.size == 1_000_000
+    past = storage.read_range(url, 1_000_000, 1_000_999)  # starts past the end: empty, as a file read is
+    assert past.data == b"" and past.size == 1_000_000
+    with pytest.raises(NotFoundError, match=f"s3://{bucket}/nope: not found"):
+        storage.read_range(f"s3://{bucket}/nope", 0, 9)
+    (tmp_path / "f.bin").write_bytes(data[:5000])
+    local = storage.read_range(str(tmp_path / "f.bin"), 4000, 5999)
+    assert local.data == data[4000:5000] and local.size == 5000 and local.etag is None
+
+
 def _read_in_child(url: str) -> tuple[bytes, int]:
     return storage.read_bytes(url), id(storage._session)
 

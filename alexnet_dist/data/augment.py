@@ -60,7 +60,12 @@ def train_params(seed: int, epoch: int, key: str, h: int, w: int, crop: int) -> 
     """(top, left, flip, alphas) of one training sample of an ``h x w`` image: a uniform crop position
     (modulo bias < 2^-50), a fair coin and the PCA lighting alphas (:func:`train_draws`)."""
     top, left, flip, alphas = train_draws(seed, epoch, key)
-    return top % (h - crop + 1), left % (w - crop + 1), flip, alphas
+    return (*crop_position(top, left, h, w, crop), flip, alphas)
+
+
+def crop_position(top_draw: int, left_draw: int, h: int, w: int, crop: int) -> tuple[int, int]:
+    """(top, left) of a training crop in an ``h x w`` image, from its draws (:func:`train_draws`)."""
+    return top_draw % (h - crop + 1), left_draw % (w - crop + 1)
 
 
 _RGB = tvio.ImageReadMode.RGB.value

@@ -9,7 +9,10 @@ differently.
 
 - ``crop`` (the default): a JPEG's view decoded straight into its slot, only its rows and columns
   (:mod:`alexnet_dist.kernels.jpeg`); anything else is decoded as ``whole`` does it;
-- ``whole``: every image decoded whole (torchvision), then its view copied (and mirrored) into the slot.
+- ``whole``: every image decoded whole (torchvision), then its view copied (and mirrored) into the slot;
+- ``device``: the loader worker only checks each JPEG's header and packs its bytes undecoded; the process
+  that owns the training device decodes the batch there (:mod:`alexnet_dist.data.device`: nvJPEG on
+  CUDA, the same pixels as ``whole`` on the CPU). Ten crops are decoded here, as ``whole`` does.
 """
 
 from __future__ import annotations
@@ -133,7 +136,26 @@ class CropDecoder:
         return written + self.whole.write(slots[len(written) :], rest, views, bad)
 
 
-DECODERS: dict[str, Decoder] = {"crop": CropDecoder(), "whole": WholeDecoder()}
+class DeviceDecoder:
+    """The views are made on the training device from the batch's undecoded JPEGs (``deferred``: the stream
+    packs them with :func:`alexnet_dist.data.device.pack`); what this writes on the CPU is the ten-crop
+    views, as ``whole`` does."""
+
+    deferred = True  # training and central-crop batches leave the worker undecoded
+    whole = WholeDecoder()
+
+    def write(
+        self, slots: torch.Tensor, records: Sequence[Record], views: Views, bad: OnBad
+    ) -> list[Written]:
+        return self.whole.write(slots, records, views, bad)
+
+
+def defers(decoder: Decoder, mode: str) -> bool:
+    """Whether this decoder's batches in this mode leave the loader worker undecoded."""
+    return bool(getattr(decoder, "deferred", False)) and mode != "ten_crop"
+
+
+DECODERS: dict[str, Decoder] = {"crop": CropDecoder(), "whole": WholeDecoder(), "device": DeviceDecoder()}
 
 
 def get_decoder(name: str) -> Decoder:

@@ -6,7 +6,9 @@ Streams are interleaved round-robin, exactly as torch's DataLoader interleaves i
 ``num_workers=0`` runs the same streams in-process and yields the same batches. Resuming rotates the
 streams so the round-robin continues where it stopped: the rest of the epoch comes in the same order.
 A training loader makes its workers' shared batch buffers (:mod:`alexnet_dist.data.batch`) once and keeps
-them for every epoch.
+them for every epoch. With the ``device`` decoder the workers send undecoded batches and the loader decodes
+each on ``LoaderConfig.device`` as it comes in (:mod:`alexnet_dist.data.device`), in the calling process:
+the batches it yields lie on that device, and a sample that fails there is padding, counted bad.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from alexnet_dist import storage
 from alexnet_dist.data.batch import PAD_LABEL, Batch, BufferPool, Layout, SharedPool
-from alexnet_dist.data.decoders import get_decoder
+from alexnet_dist.data.decoders import defers, get_decoder
+from alexnet_dist.data.device import EncodedBatch, decode_on_device
 from alexnet_dist.data.manifest import Manifest
 from alexnet_dist.data.plan import EpochPlan, plan_epoch, round_robin_position
 from alexnet_dist.data.stream import Stream
@@ -43,19 +47,42 @@ class LoaderConfig:
     drop_last: bool | None = None  # None: True for train, False for eval
     pin_memory: bool = False
     # a name in decoders.DECODERS. "crop": decode only a view's rows and columns of a JPEG, into its slot
-    # (kernels.jpeg; same pixels, less work); "whole": decode every image whole, then copy its view
+    # (kernels.jpeg; same pixels, less work); "whole": decode every image whole, then copy its view;
+    # "device": the batch's JPEGs decoded on `device` (data.device: nvJPEG on CUDA; "whole"'s pixels on CPU)
     decoder: str = "crop"
+    device: str = "cpu"  # where the "device" decoder decodes: the rank's training device; others ignore it
+    # S3 ranged GETs in flight or waiting per stream, `read_ahead_chunk` bytes each, across shard boundaries
+    # (data.readahead): enough to hide a GET's time to first byte and to draw a stream's share of a node's
+    # bandwidth over several connections; 0 reads each shard with one streaming GET. Local files ignore it.
+    read_ahead: int = 4
+    read_ahead_chunk: int = 8 << 20  # bytes per ranged GET; a stream holds (read_ahead + 1) chunks at most
 
     def __post_init__(self) -> None:
         if self.mode not in ("train", "val", "ten_crop"):
             raise ConfigError(f"loader mode {self.mode!r}: use 'train', 'val' or 'ten_crop'")
         if self.batch_size < 1 or self.crop < 1 or self.num_workers < 0:
             raise ConfigError("loader batch_size and crop must be positive and num_workers >= 0")
+        if not 0 <= self.read_ahead <= storage.MAX_CONNECTIONS or self.read_ahead_chunk < 1:
+            raise ConfigError(
+                f"loader read_ahead {self.read_ahead}: use 0 (off) to {storage.MAX_CONNECTIONS} GETs, "
+                f"and read_ahead_chunk >= 1 byte (got {self.read_ahead_chunk})"
+            )
         get_decoder(self.decoder)  # an unknown name fails here, naming the known ones
+        try:
+            torch.device(self.device)
+        except RuntimeError as err:
+            raise ConfigError(
+                f"loader device {self.device!r}: not a torch device; use 'cpu' or 'cuda:0'"
+            ) from err
 
     @property
     def last_dropped(self) -> bool:
         return self.mode == "train" if self.drop_last is None else self.drop_last
+
+    @property
+    def on_device(self) -> bool:
+        """Whether the batches are decoded on ``device`` (the "device" decoder, but for ten crops)."""
+        return defers(get_decoder(self.decoder), self.mode)
 
 
 class _EpochDataset(IterableDataset):
@@ -103,7 +130,7 @@ class ShardLoader:
         self.epoch = 0
         self._plans: dict[int, EpochPlan] = {}
         self._batches = 0
-        self._streams: list[list[int]] = []  # per stream: [records, bad]
+        self._streams: list[list[int]] = []  # per stream: [records, bad, bad found decoding on the device]
         self._bad_before = 0  # bad samples of finished epochs
         self._resume: dict[str, Any] | None = None
         self._pool: SharedPool | None = None  # training's batch buffers, shared with every epoch's workers
@@ -125,7 +152,7 @@ class ShardLoader:
 
     @property
     def bad_samples(self) -> int:
-        return self._bad_before + sum(b for _, b in self._streams)
+        return self._bad_before + sum(s[1] + s[2] for s in self._streams)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -161,7 +188,7 @@ class ShardLoader:
                 consumed, state = 0, None
         done, first = round_robin_position(quotas, consumed)
         saved = (state or {}).get("streams") or []
-        progress = [list(saved[w]) if w < len(saved) else [done[w] * bsz, 0] for w in range(len(mine))]
+        progress = [[*saved[w], 0][:3] if w < len(saved) else [done[w] * bsz, 0, 0] for w in range(len(mine))]
         m = self.manifest
         streams = [
             Stream(
@@ -180,7 +207,7 @@ class ShardLoader:
         """Training: the loader's buffers, made once and kept for every epoch (each epoch's workers inherit
         them, so no epoch pays for fresh pages). Evaluation: a pool per pass whose workers make buffers as
         they need them (ten-crop batches are ten times bigger; they are let go)."""
-        if self.cfg.mode != "train":
+        if self.cfg.mode != "train" or self.cfg.on_device:  # undecoded batches bring their own tensors
             return SharedPool(workers, None)
         layout = Layout(self.cfg.batch_size, 1, self.cfg.crop)
         if self._pool is None or self._pool.flags.shape[0] != workers or self._pool.layout != layout:
@@ -202,7 +229,9 @@ class ShardLoader:
                 source = iter(loader)
             try:
                 for batch in source:
-                    self._streams[batch.stream] = [batch.records, batch.bad]
+                    if isinstance(batch, EncodedBatch):
+                        batch = self._decode(batch)
+                    self._streams[batch.stream][:2] = [batch.records, batch.bad]
                     self._batches += 1
                     yield batch
                     if self._batches >= real:
@@ -218,11 +247,30 @@ class ShardLoader:
             if self.cfg.mode != "ten_crop"
             else (1, 10, 3, self.cfg.crop, self.cfg.crop)
         )
+        dev = self.cfg.device if self.cfg.on_device else "cpu"
         while self._batches < length:  # evaluation padding: ranks with fewer samples still yield `length`
             self._batches += 1
             yield Batch(
-                torch.zeros(shape, dtype=torch.uint8), torch.zeros(1, 3), torch.tensor([PAD_LABEL]), [""]
-            )
+                torch.zeros(shape, dtype=torch.uint8, device=dev), torch.zeros(1, 3, device=dev),
+                torch.tensor([PAD_LABEL], device=dev), [""],
+            )  # fmt: skip
+
+    def _decode(self, encoded: EncodedBatch) -> Batch:
+        """An undecoded batch decoded on the device; its samples that fail there are counted bad, against
+        the same limit as the stream's own."""
+        batch, failed = decode_on_device(encoded, self.cfg.device)
+        if failed:
+            progress = self._streams[batch.stream]
+            progress[2] += len(failed)
+            for key, why in failed:
+                log.warning("%s: bad sample %s (%s); padded", self.manifest.url, key, why)
+            samples = self.plan().streams[self.rank][batch.stream].samples
+            if batch.bad + progress[2] > self.cfg.max_bad_fraction * max(1, samples):
+                raise DataError(
+                    f"{self.manifest.url}: {batch.bad + progress[2]} bad samples of {samples} in one stream "
+                    f"(limit {self.cfg.max_bad_fraction:g}); run `alexnet-dist shards verify` on the manifest"
+                )
+        return batch
 
 
 def make_loader(manifest: Manifest, cfg: LoaderConfig, *, rank: int, world_size: int,

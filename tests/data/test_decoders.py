@@ -69,6 +69,8 @@ def test_each_decoder_writes_every_view_as_augment_defines_it(name: str, mode: s
 
 
 def test_an_unknown_decoder_is_a_config_error_naming_the_known_ones() -> None:
-    with pytest.raises(ConfigError, match=r"loader decoder 'pil': unknown; use one of 'crop', 'whole'"):
+    with pytest.raises(
+        ConfigError, match=r"loader decoder 'pil': unknown; use one of 'crop', 'whole', 'device'"
+    ):
         LoaderConfig(batch_size=4, crop=CROP, mode="train", seed=0, decoder="pil")
     assert LoaderConfig(batch_size=4, crop=CROP, mode="train", seed=0).decoder == "crop"
