@@ -40,6 +40,13 @@ class DataSpec(_Frozen):
     shuffle_buffer: int = Field(2000, ge=0)  # samples held for the seeded sample shuffle; 0 = off
     max_bad_fraction: float = Field(0.001, ge=0.0, le=1.0)  # skip corrupt samples up to this share
     pca_lighting: float = Field(0.1, ge=0.0)  # sigma of the PCA colour noise (section 4.1); 0 = off
+    # How JPEGs become pixels: "crop" decodes only each view's crop on the CPU (loader workers); "whole"
+    # decodes whole images on the CPU; "device" leaves them encoded to the loader workers and decodes each
+    # batch on the training device (nvJPEG on a GPU). A sample's crop, flip and lighting are the same
+    # function of (seed, epoch, key) whichever runs. No GPU measurement has chosen a GPU default yet.
+    decoder: Literal["crop", "whole", "device"] = "crop"
+    read_ahead: int = Field(4, ge=0, le=32)  # S3 ranged GETs in flight per loader worker; 0 = one at a time
+    read_ahead_chunk_mb: int = Field(8, ge=1, le=256)  # bytes per ranged GET, in MiB
 
 
 class ModelSpec(_Frozen):

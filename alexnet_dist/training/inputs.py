@@ -3,7 +3,7 @@
 What holds, per step:
 - the uint8 batch crosses to each tower's device as it is (4x fewer bytes than float32) and is normalized
   there, with mean/std kept on every device once: tower B's input never crosses from tower A as floats;
-- the count of real samples (labels >= 0) comes from the host copy of the labels, never from the device;
+- the count of real samples comes from the batch's keys (padding has none), never from the device;
 - on CUDA, batches are pinned (the loader's pin-memory thread) and copied with ``non_blocking=True`` on a
   side stream, the next batch's copy issued before the current step runs, so copy and compute overlap;
   the step's stream waits for the copy's event before using it;
@@ -16,7 +16,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 __all__ = ["DeviceBatch", "DeviceFeed"]
@@ -68,7 +67,7 @@ class DeviceFeed:
 
     def to_devices(self, batch: Any) -> DeviceBatch:
         d0, d1 = self.devices
-        valid = int(np.count_nonzero(batch.labels.numpy() >= 0))  # read on the host: no device sync
+        valid = sum(1 for key in batch.keys if key)  # padding has no key: counted on the host, no sync
         a = self.normalize(batch.images, batch.lighting, d0)
         b = a if d1 == d0 else self.normalize(batch.images, batch.lighting, d1)
         labels = batch.labels.to(d0, non_blocking=True)

@@ -157,6 +157,10 @@ def setup(config: dict[str, Any], session: Session) -> Worker:
         num_workers=spec.data.loader_workers,
         max_bad_fraction=spec.data.max_bad_fraction,
         pin_memory=on_gpu,  # page-locked batches: their copies to the GPU run asynchronously
+        decoder=spec.data.decoder,
+        device=str(d0),  # where the "device" decoder decodes
+        read_ahead=spec.data.read_ahead,
+        read_ahead_chunk=spec.data.read_ahead_chunk_mb << 20,
     )
     train_loader = make_loader(
         train_manifest,

@@ -230,6 +230,7 @@ def test_each_tower_normalizes_the_uint8_batch_on_its_own_device(tiny) -> None:
         images = torch.randint(0, 255, (4, 3, 32, 32), dtype=torch.uint8)
         lighting = torch.zeros(4, 3)
         labels = torch.tensor([1, 2, -1, 3])
+        keys = ["a", "b", "", "c"]  # padding has no key
 
     (out,) = list(feed([B()]))
     assert calls == [(torch.uint8, d0), (torch.uint8, d1)]  # the uint8 batch went to each device
@@ -250,6 +251,20 @@ def test_maps_cross_between_devices_in_the_compute_dtype() -> None:
     assert _cross(t, torch.device("cpu", 0)).dtype == torch.float32  # no autocast: as it is
     m = AlexNet(10, config=build_model("small").config, devices=("cpu", "cpu"))
     assert m(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_the_device_decoder_trains_to_the_weights_of_the_cpu_decoder(tiny) -> None:
+    """data.decoder="device" through the loop: batches decoded on the training device (here the CPU)."""
+    final = {}
+    for decoder in ("whole", "device"):
+        one = {"workers": 1, "devices": "cpu"}
+        spec = _spec(tiny, scaling=one, train__epochs=1, checkpoint__every_steps=0, data__decoder=decoder,
+                     data__loader_workers=1)  # fmt: skip
+        config, _ = worker_config(spec, run_name=decoder, settings=Settings(storage_root=tiny["root"]))
+        w = loop.setup(config, OneProcess())
+        loop.train_epoch(w)
+        final[decoder] = {k: v.clone() for k, v in w.model.state_dict().items()}
+    assert all(torch.equal(final["whole"][k], final["device"][k]) for k in final["whole"])
 
 
 # -- 6. checkpoints by time ----------------------------------------------------------------------------
