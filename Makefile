@@ -13,7 +13,7 @@ EPOCHS ?=
 SEED ?=
 S3 ?= 0
 
-.PHONY: setup system-packages demo test lint bench clean-demo
+.PHONY: setup system-packages demo test lint bench gpu-check clean-demo
 
 KERNELS := alexnet_dist/kernels/lib/BUILD.json
 
@@ -61,6 +61,12 @@ lint: setup
 
 bench: setup
 	$(PY) bench/model.py
+
+# The GPU check (docs/gpu.md): `make gpu-check OUT=dir [ARGS=--dry-run]` writes its JSON figures to dir; a CPU
+# dry run where there is no CUDA. No setup step: a bare GPU box has no venv, so `make gpu-check PY=python3`.
+gpu-check:
+	$(if $(OUT),,$(error give a folder for the figures: make gpu-check OUT=dir))
+	$(PY) bench/gpu_check.py $(OUT) $(ARGS)
 
 clean-demo:
 	rm -rf demo .stack
