@@ -1,7 +1,7 @@
 """What each C kernel buys end to end: the same work with the kernel and without it, in one run.
 
-- ``tar_index`` (kernels/csrc/tar_index.c): the training loader over shards (256 px JPEGs, the loader's
-  default decoder), its tar headers indexed in C against the Python reader;
+- ``jpeg_crop`` (kernels/csrc/jpeg_crop.c): the training loader over shards of 256 px JPEGs, each view's
+  crop decoded into its slot (decoder "crop") against whole-image decodes and a crop copy ("whole");
 - ``maxpool`` (kernels/csrc/maxpool.c): a training step of the small preset (batch 64, 32 px) and of the
   paper's network (batch 32, 227 px), pooling in C against torch's ``max_pool2d``;
 - ``lrn`` (kernels/csrc/lrn.c), for comparison: the paper network's step with the fused ReLU+LRN against
@@ -44,15 +44,13 @@ def _switch_off(kernel: str) -> None:
     library._loaded[kernel] = None  # as if its library were missing: the torch / Python path runs
 
 
-def child_loader(shards: str, images: int, workers: int, batch: int, off: bool) -> dict:
-    if off:
-        _switch_off("tar_index")
+def child_loader(shards: str, images: int, workers: int, batch: int, decoder: str) -> dict:
     from alexnet_dist.data.loader import LoaderConfig, make_loader
     from alexnet_dist.data.manifest import load_manifest
 
     bd = _bench_data()
     m = load_manifest(shards)
-    cfg = LoaderConfig(batch_size=batch, crop=227, mode="train", seed=0, num_workers=workers)
+    cfg = LoaderConfig(batch_size=batch, crop=227, mode="train", seed=0, num_workers=workers, decoder=decoder)
     rate = bd.time_batches(b.images.shape[0] for b in make_loader(m, cfg, rank=0, world_size=1))
     return {"images_per_s": rate.steady, "cpu_us_per_image": rate.cpu_us}
 
@@ -116,8 +114,8 @@ def main() -> None:
     if args.child:
         kind, *rest = args.child
         if kind == "loader":
-            shards, images, workers, batch, off = rest
-            result = child_loader(shards, int(images), int(workers), int(batch), off == "off")
+            shards, images, workers, batch, decoder = rest
+            result = child_loader(shards, int(images), int(workers), int(batch), decoder)
         else:
             preset, batch, steps, off = rest
             result = child_step(preset, int(batch), int(steps), None if off == "-" else off)
@@ -133,7 +131,7 @@ def main() -> None:
         path.write_text(manifest.to_json())
         loader = ["loader", str(path), str(args.images), str(args.workers), "64"]
         what = "training loader, 256 px JPEGs, batch 64"
-        out["tar_index"] = compare(what, [*loader, "on"], [*loader, "off"], args.repeat)
+        out["jpeg_crop"] = compare(what, [*loader, "crop"], [*loader, "whole"], args.repeat)
     small, paper = ["step", "small", "64", "60"], ["step", "paper", "32", "8"]
     out["maxpool_small"] = compare(
         "small preset step, batch 64", [*small, "-"], [*small, "maxpool"], args.repeat

@@ -1,85 +1,22 @@
 """Reading WebDataset tar shards as a stream: (key, {extension: bytes}) per sample.
 
 A hand-rolled reader over 1 MB reads: ``tarfile`` parses each header in Python, at about the cost of
-decoding a small JPEG, and makes three small ``read`` calls per member besides. The headers of each read
-are indexed by a small C function (``kernels/csrc/tar_index.c``: even a lean Python parse is paid per
-member, three members a sample), with the same reader in Python where that library is not built. Data come
-as ``bytearray``s, which the JPEG decoder reads in place.
+decoding a small JPEG, and makes three small ``read`` calls per member besides. Here a header is a few
+slices of a buffer that already holds the member's data. (A C indexer of the headers was measured end to
+end on the loader, bench/kernels.py: no faster within the run-to-run spread, so it is gone.) Data come as
+``bytearray``s, which the JPEG decoder reads in place.
 """
 
 from __future__ import annotations
 
-import ctypes
 import tarfile
 from collections.abc import Iterator
 
-import numpy as np
-
-from alexnet_dist.kernels import library
-
 __all__ = ["iter_tar", "members"]
 
-_i64, _i32, _ptr = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
-SIGNATURES: library.Signatures = {
-    "tar_index": ([_ptr, _i64, _i64, _ptr, _i64, ctypes.POINTER(_i64), ctypes.POINTER(_i32)], _i64),
-}
 _TAR_CHUNK = 1 << 20  # bytes per read from the stream: headers are parsed out of big reads
-_ROWS = 256  # members indexed per call
 _ZERO_BLOCK = bytes(512)
 _REGULAR = (48, 0, 55)  # type flags "0", NUL, "7": regular files (and contiguous ones); others are skipped
-
-
-def members(stream) -> Iterator[tuple[str, bytearray]]:
-    """(name, data) of each regular file in a tar stream: ustar, GNU long names and pax paths.
-
-    A stream that ends inside a member raises EOFError; one that ends between members just ends; a header
-    whose size is not a number raises ``tarfile.ReadError``.
-    """
-    lib = library.load("tar_index", SIGNATURES)
-    return members_native(stream, lib) if lib is not None else members_py(stream)
-
-
-def members_native(stream, lib: ctypes.CDLL) -> Iterator[tuple[str, bytearray]]:
-    """:func:`members` with the headers of each read indexed in C."""
-    buf, pos, ended = bytearray(), 0, False
-    rows = np.zeros((_ROWS, 5), np.int64)
-    after, status = _i64(), _i32()
-    long_name: str | None = None
-    while True:
-        n = 0
-        if len(buf) >= pos + 512:
-            n = lib.tar_index(ctypes.byref(ctypes.c_char.from_buffer(buf)), len(buf), pos, rows.ctypes.data,
-                              _ROWS, ctypes.byref(after), ctypes.byref(status))  # fmt: skip
-            for hdr, size, kind, name_len, prefix_len in rows[:n].tolist():
-                data = buf[hdr + 512 : hdr + 512 + size]
-                regular, pending = _resolve(kind, data, long_name)
-                if regular:
-                    name = long_name
-                    if name is None:
-                        name = buf[hdr : hdr + name_len].decode()
-                        if prefix_len:
-                            name = buf[hdr + 345 : hdr + 345 + prefix_len].decode() + "/" + name
-                    yield name, data
-                long_name = pending
-            pos = after.value
-            if status.value == 1:
-                return
-            if status.value == 2:
-                raise tarfile.ReadError(f"bad tar header size {bytes(buf[pos + 124 : pos + 136])!r}")
-            if n == _ROWS:
-                continue
-        if ended:  # the stream ended with the member at pos incomplete
-            if len(buf) - pos < 512:
-                return  # between members (or in the last one's padding)
-            raise EOFError(f"tar ends inside a member ({len(buf) - pos - 512} bytes of it read)")
-        skip = max(0, pos - len(buf))  # a member's padding that lies past what was read so far
-        del buf[:pos]
-        pos = skip
-        more = stream.read(_TAR_CHUNK)
-        if more:
-            buf += more
-        else:
-            ended = True
 
 
 def _resolve(kind: int, data: bytearray, long_name: str | None) -> tuple[bool, str | None]:
@@ -101,8 +38,12 @@ def _pax_path(data: bytearray, default: str | None) -> str | None:
     return default
 
 
-def members_py(stream) -> Iterator[tuple[str, bytearray]]:
-    """:func:`members` in Python: the reader where the C indexer cannot be built."""
+def members(stream) -> Iterator[tuple[str, bytearray]]:
+    """(name, data) of each regular file in a tar stream: ustar, GNU long names and pax paths.
+
+    A stream that ends inside a member raises EOFError; one that ends between members just ends; a header
+    whose size is not a number raises ``tarfile.ReadError``.
+    """
     buf, pos = bytearray(), 0
     long_name: str | None = None
 

@@ -57,7 +57,6 @@ KERNELS: dict[str, Recipe] = {
     "lrn": Recipe(flags=("-ffast-math",), libs=("-lm",)),  # fast-math: the square roots vectorise
     "maxpool": Recipe(),
     "jpeg_crop": Recipe(libs=("-ljpeg",), optional=True),
-    "tar_index": Recipe(),
 }
 
 _loaded: dict[str, ctypes.CDLL | None] = {}
