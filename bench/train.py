@@ -8,7 +8,7 @@ the second is timed (the first warms up caches and, on Ray, the worker start).
 
 Prints one JSON object: images/s of each side, their ratio and Ray's overhead, for the small preset
 (Fashion-MNIST at 32 px) and for the paper's network at batch 32 (227 px crops of 256 px images).
-Target (issue 4): overhead at most 10%.
+Target: overhead at most 10%.
 
     python bench/train.py [--small-images 6400] [--paper-images 320]
 """

@@ -1,4 +1,4 @@
-"""Importing Caffe's bvlc_alexnet (issue 8).
+"""Importing Caffe's bvlc_alexnet.
 
 The tests write .caffemodel files themselves, byte by byte in protobuf wire format (a tiny encoder
 below, independent of the reader under test), with bvlc_alexnet's layer names, parameters and shapes
@@ -244,7 +244,7 @@ def tiny_file(tmp_path: Path, weights: dict[str, Any], d: Dims = TINY, **kw: Any
 # Importing computes Caffe's function
 
 
-@pytest.mark.slow  # 233 MiB files, 61M weights: ~10 s each here
+@pytest.mark.slow  # 233 MiB files, 61M weights
 @pytest.mark.parametrize("v1", [False, True], ids=["layer-V2-packed", "layers-V1-unpacked-legacy"])
 def test_bvlc_alexnet_imports_and_matches_caffe(
     tmp_path: Path, bvlc_weights: dict[str, Any], v1: bool
@@ -499,7 +499,7 @@ def test_import_caffe_command(tmp_path: Path, tiny_weights: dict[str, Any]) -> N
     )
 
 
-@pytest.mark.slow  # starts the real command line: ~10 s of imports here
+@pytest.mark.slow  # starts the real command line (its imports)
 def test_import_caffe_errors_are_one_line(tmp_path: Path, tiny_weights: dict[str, Any]) -> None:
     path = write_caffemodel(tmp_path / "m.caffemodel", without(alexnet_layers(TINY, tiny_weights), "fc7"))
     exe = Path(sys.executable).parent / "alexnet-dist"
