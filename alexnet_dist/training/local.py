@@ -70,7 +70,6 @@ class LocalSession:
         self.world_size = dist.get_world_size() if self.distributed else 1
         self.local_rank = dist.get_node_local_rank(fallback_rank=self.rank) if self.distributed else 0
         self.last_metrics: dict[str, Any] = {}
-        self.latest: LocalCheckpoint | None = None
 
     def devices(self, mode: str) -> tuple[torch.device, torch.device]:
         if mode == "cpu":
@@ -110,7 +109,6 @@ class LocalSession:
         os.replace(staging, target)  # committed whole or not at all
         if background:  # the loop leaves a background upload's folder to the runner (as Ray Train does)
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
-        self.latest = LocalCheckpoint(target)
         for old in _checkpoints(self.run_dir)[self.keep :]:
             shutil.rmtree(old, ignore_errors=True)
 
