@@ -45,3 +45,10 @@ class JobNotFoundError(QueueError):
 
 class ClusterError(AlexNetDistError):
     """The Ray cluster is unreachable or refused a job."""
+
+
+class JobYielded(AlexNetDistError):
+    """A run checkpointed and stopped because the service asked it to yield (preemption); not a failure:
+    the job goes back in the queue and resumes from that checkpoint."""
+
+    exit_code = 0

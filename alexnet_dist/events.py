@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import redis
 
-__all__ = ["STREAM_MAXLEN", "EventPublisher", "EventTarget", "encode_event"]
+__all__ = ["STREAM_MAXLEN", "EventPublisher", "EventTarget", "YieldSignal", "encode_event"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,36 @@ class EventTarget:
 
     def publisher(self, **options: Any) -> EventPublisher:
         return EventPublisher(self.redis_url, stream=self.stream, channel=self.channel, **options)
+
+
+@dataclass(frozen=True)
+class YieldSignal:
+    """The one message a run reads back: whether the service asked it to yield its room (a hash field set
+    to a timestamp). Reading it never raises into training: an unreachable Redis reads as "not asked"."""
+
+    redis_url: str
+    key: str
+    field: str = "yield_requested"
+
+    def to_dict(self) -> dict[str, str]:
+        return {"redis_url": self.redis_url, "key": self.key, "field": self.field}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, str]) -> YieldSignal:
+        return cls(data["redis_url"], data["key"], data.get("field", "yield_requested"))
+
+    def requested(self) -> bool:
+        import redis
+
+        try:
+            if not hasattr(self, "_client"):
+                client = redis.Redis.from_url(self.redis_url, socket_connect_timeout=2.0, socket_timeout=2.0)
+                object.__setattr__(self, "_client", client)
+            value = self._client.hget(self.key, self.field)  # type: ignore[attr-defined]
+        except (redis.RedisError, OSError) as err:
+            log.warning("%s: cannot read the yield request (%s); going on", self.key, err)
+            return False
+        return value not in (None, b"", b"0", b"0.0")
 
 
 def encode_event(event: dict[str, Any], *, now: float | None = None) -> str:

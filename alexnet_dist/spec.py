@@ -117,6 +117,12 @@ class CheckpointSpec(_Frozen):
     keep: int = Field(3, ge=1)  # newest checkpoints kept
 
 
+class SchedulingSpec(_Frozen):
+    # The dispatcher may ask the job to yield its room to a higher-priority one: it checkpoints at its next
+    # logging step, goes back to its place in the queue and later resumes exactly where it stopped.
+    preemptible: bool = True
+
+
 class JobSpec(_Frozen):
     name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     seed: int = 0
@@ -128,6 +134,7 @@ class JobSpec(_Frozen):
     train: TrainSpec = TrainSpec()
     scaling: ScalingSpec = ScalingSpec()
     checkpoint: CheckpointSpec = CheckpointSpec()
+    scheduling: SchedulingSpec = SchedulingSpec()
 
     @model_validator(mode="after")
     def _batch_splits_evenly(self) -> JobSpec:

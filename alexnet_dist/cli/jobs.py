@@ -21,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from alexnet_dist.cli.app import app
+from alexnet_dist.errors import JobYielded
 from alexnet_dist.service.connection import connect
 from alexnet_dist.service.launcher import RayJobsLauncher
 from alexnet_dist.service.operations import JobService
@@ -257,6 +258,12 @@ def run_job(job_id: str, attempt: int = typer.Option(..., help="the attempt this
     service = _service(settings)
     rec = service.current_attempt(job_id, attempt)
     events = job_events(settings.redis_url, service.store.keys, job_id)
-    res = run_training(rec.spec, run_name=job_id, settings=settings, events=events, resume=True)
+    signal = service.yield_signal(job_id, settings.redis_url)
+    try:
+        res = run_training(rec.spec, run_name=job_id, settings=settings, events=events, yield_signal=signal)
+    except JobYielded as yielded:
+        service.yielded(job_id, attempt)
+        out.print(f"{job_id}: {yielded}")
+        return
     service.store_result(job_id, res.to_dict())
     out.print(f"{job_id}: stored result")

@@ -62,6 +62,7 @@ class Dispatcher:
         interval_s: float = 1.0,
         lock_ttl_s: float = 10.0,
         scan: int = 100,
+        yield_timeout_s: float = 300.0,
     ) -> None:
         self.store = store
         self.launcher = launcher
@@ -71,6 +72,7 @@ class Dispatcher:
         self.interval_s = interval_s
         self.lock_ttl_ms = int(lock_ttl_s * 1000)
         self.scan = scan  # queued jobs (from the head of the queue) the policy sees per pass
+        self.yield_timeout_s = yield_timeout_s  # a job asked to yield that has not by then is stopped
         self.token = uuid.uuid4().hex
         self.launches = 0  # Ray Job submissions made by this instance
         self._stopped: dict[str, float] = {}  # submission id -> when this instance last asked Ray to stop it
@@ -132,16 +134,31 @@ class Dispatcher:
             if not q.transition(rec, JobState.RUNNING, message=f"Ray job {sid} found", lock_token=token):
                 return
             rec = q.get(rec.id)
+        asked = rec.yield_requested and not rec.cancel_requested  # asked to yield its room to another job
         if st is None:
-            self._failed(rec, f"Ray job {sid} not found on the cluster")
+            if asked:
+                q.preempted(rec, lock_token=token, why=f"preempted: Ray job {sid} not found on the cluster")
+            else:
+                self._failed(rec, f"Ray job {sid} not found on the cluster")
         elif st.live:
             if rec.cancel_requested:
                 self._stop(rec.id, sid)
+            elif asked and time.time() - rec.yield_requested > self.yield_timeout_s:
+                self._stop(rec.id, sid)  # did not yield in time: stopped; resumes from its newest checkpoint
         elif st.state == "SUCCEEDED":
-            q.transition(rec, JobState.SUCCEEDED, message="finished", lock_token=token)
+            if rec.yielded:
+                q.preempted(rec, lock_token=token, why="preempted: checkpointed and gave its room up")
+            else:
+                q.transition(rec, JobState.SUCCEEDED, message="finished", lock_token=token)
         elif st.state == "STOPPED":
-            why = "cancelled" if rec.cancel_requested else f"Ray job {sid} stopped outside the service"
-            q.transition(rec, JobState.CANCELLED, message=why, lock_token=token)
+            if asked:
+                why = f"preempted: stopped after not yielding within {self.yield_timeout_s:g} s"
+                q.preempted(rec, lock_token=token, why=why)
+            else:
+                why = "cancelled" if rec.cancel_requested else f"Ray job {sid} stopped outside the service"
+                q.transition(rec, JobState.CANCELLED, message=why, lock_token=token)
+        elif asked:  # died while asked to yield: a preemption, never one of its retries
+            q.preempted(rec, lock_token=token, why=f"preempted: Ray job {sid} ended before yielding")
         else:
             self._failed(rec, f"Ray job {sid} failed: {st.message}".strip())
 
@@ -181,7 +198,8 @@ class Dispatcher:
         self.launches += 1
         log.info("job %s: launched as Ray job %s", rec.id, sid)
         msg = f"Ray job {sid} submitted"
-        self.store.transition(rec, JobState.RUNNING, message=msg, lock_token=self.token)
+        fields = {"started": repr(time.time())}
+        self.store.transition(rec, JobState.RUNNING, message=msg, fields=fields, lock_token=self.token)
 
     def _launch(self, rec: JobRecord) -> bool:
         """Claim the job (QUEUED -> LAUNCHING) and submit it; False if the claim failed."""
@@ -213,6 +231,16 @@ class Dispatcher:
                 running.append(job)
                 launched += 1
         return launched
+
+    def request_yield(self, job_id: str, *, why: str) -> bool:
+        """Ask a running job to checkpoint at its next step boundary and give its room up."""
+        rec = self.store.get(job_id)
+        if rec.state is not JobState.RUNNING or rec.yield_requested:
+            return False
+        if not rec.spec.scheduling.preemptible:
+            raise QueueError(f"job {job_id}: not preemptible (scheduling.preemptible = false)")
+        log.info("job %s: asked to yield (%s)", job_id, why)
+        return self.store.request_yield(rec, lock_token=self.token, why=why)
 
     def step(self) -> None:
         self.follow()

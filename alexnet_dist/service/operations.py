@@ -13,6 +13,7 @@ from typing import Any
 
 from alexnet_dist.data.manifest import load_manifest
 from alexnet_dist.errors import AlexNetDistError, ConfigError, QueueError
+from alexnet_dist.events import YieldSignal
 from alexnet_dist.service.events import read_events
 from alexnet_dist.service.launcher import Launcher
 from alexnet_dist.service.store import TERMINAL, JobRecord, JobState, JobStore
@@ -146,3 +147,11 @@ class JobService:
     def store_result(self, job_id: str, result: dict[str, Any]) -> None:
         """Keep the final result in the record and publish it on the results channel."""
         self.store.store_result(job_id, result)
+
+    def yield_signal(self, job_id: str, redis_url: str) -> YieldSignal:
+        """Where the job's run hears that the dispatcher wants its room back (its record's field)."""
+        return YieldSignal(redis_url, self.store.keys.job(job_id), "yield_requested")
+
+    def yielded(self, job_id: str, attempt: int) -> None:
+        """The run of ``attempt`` checkpointed and stopped when asked to: the dispatcher queues it again."""
+        self.store.mark_yielded(job_id, attempt)

@@ -33,6 +33,7 @@ class JobState(str, Enum):
     SUCCEEDED = "SUCCEEDED"  # the Ray Job finished; the result is in the record
     FAILED = "FAILED"  # the last attempt failed and no retries were left
     CANCELLED = "CANCELLED"  # cancelled by a user (its Ray Job stopped)
+    PREEMPTED = "PREEMPTED"  # yielded its room to another job at a checkpoint; back to QUEUED at once
 
 
 ACTIVE = frozenset({JobState.LAUNCHING, JobState.RUNNING})
@@ -106,6 +107,12 @@ class JobRecord:
     client_key: str = ""
     cancel_requested: bool = False
     result: dict[str, Any] | None = None
+    user: str = ""  # who submitted it, and their team (from the submitter's identity)
+    team: str = ""
+    started: float = 0.0  # unix seconds its current attempt started running (0: not running)
+    yield_requested: float = 0.0  # when the dispatcher asked it to yield (0: not asked)
+    yielded: bool = False  # its run checkpointed and stopped because it was asked to yield
+    preemptions: int = 0  # times it yielded its room (never counted against its retries)
 
     @property
     def spec(self) -> JobSpec:
@@ -143,6 +150,12 @@ class JobRecord:
             client_key=h.get("client_key", ""),
             cancel_requested=h.get("cancel_requested") == "1",
             result=json.loads(h["result"]) if h.get("result") else None,
+            user=h.get("user", ""),
+            team=h.get("team", ""),
+            started=float(h.get("started", 0.0)),
+            yield_requested=float(h.get("yield_requested", 0.0)),
+            yielded=h.get("yielded") == "1",
+            preemptions=int(h.get("preemptions", 0)),
         )
 
 
@@ -171,6 +184,8 @@ class JobStore:
         priority: int | None = None,
         client_key: str | None = None,
         job_id: str | None = None,
+        user: str = "",
+        team: str = "",
     ) -> tuple[JobRecord, bool]:
         """Queue a job; returns (record, created). The same ``client_key`` again returns the first job."""
         prio = spec.priority if priority is None else priority
@@ -193,6 +208,8 @@ class JobStore:
             "message": "queued",
             "client_key": client_key or "",
             "cancel_requested": 0,
+            "user": user,
+            "team": team,
         }
         event = encode_event({"type": "state", "state": "QUEUED", "attempt": 1, "message": "queued"}, now=now)
         k = self.keys
@@ -279,6 +296,35 @@ class JobStore:
         if not ok:
             raise QueueError(f"job {job_id}: changed while resuming; check `alexnet-dist status {job_id}`")
         return self.get(job_id)
+
+    def request_yield(self, record: JobRecord, *, lock_token: str, why: str) -> bool:
+        """Ask a RUNNING job to checkpoint at its next step boundary and give its room up (the dispatcher's
+        preemption); False when it is no longer running this attempt or the token is stale."""
+        fields = {"yield_requested": repr(time.time())}
+        message = f"asked to yield: {why}"[:500]
+        return self.transition(record, None, message=message, fields=fields, lock_token=lock_token)
+
+    def mark_yielded(self, job_id: str, attempt: int) -> bool:
+        """Record that ``attempt``'s run checkpointed and stopped because it was asked to yield."""
+        rec = self.get(job_id)
+        if rec.attempt != attempt or rec.state is not JobState.RUNNING:
+            return False
+        return self.transition(rec, None, message="yielded at a checkpoint", fields={"yielded": 1})
+
+    def preempted(self, record: JobRecord, *, lock_token: str, why: str) -> bool:
+        """RUNNING -> PREEMPTED -> QUEUED at the job's original place in its priority, as a new attempt
+        that resumes from the newest checkpoint; its retries are untouched."""
+        if not self.transition(record, JobState.PREEMPTED, message=why[:500], lock_token=lock_token):
+            return False
+        rec = self.get(record.id)
+        return self.transition(
+            rec,
+            JobState.QUEUED,
+            attempt=rec.attempt + 1,
+            message=f"queued again after preemption as attempt {rec.attempt + 1}",
+            fields={"yield_requested": 0, "yielded": 0, "started": 0, "preemptions": rec.preemptions + 1},
+            lock_token=lock_token,
+        )
 
     def store_result(self, job_id: str, result: dict[str, Any]) -> None:
         """Keep the final result in the record and publish it on the results channel."""

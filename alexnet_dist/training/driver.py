@@ -14,8 +14,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from alexnet_dist.errors import ClusterError, ConfigError
-from alexnet_dist.events import EventTarget
+from alexnet_dist.errors import ClusterError, ConfigError, JobYielded
+from alexnet_dist.events import EventTarget, YieldSignal
 from alexnet_dist.settings import Settings
 from alexnet_dist.spec import JobSpec
 from alexnet_dist.training.loop import train_loop_per_worker
@@ -94,6 +94,7 @@ def worker_config(
     run_name: str,
     settings: Settings,
     events: EventTarget | None = None,
+    yield_signal: YieldSignal | None = None,
     fault: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], _Storage]:
     """What every worker's loop is given (JSON-able), and where the run lives."""
@@ -102,6 +103,7 @@ def worker_config(
         "spec": spec.to_json(),
         "run_name": run_name,
         "events": events.to_dict() if events is not None else None,
+        "yield": yield_signal.to_dict() if yield_signal is not None else None,
         "s3_endpoint_url": settings.s3_endpoint_url,
         "model_url": f"{store.url}/{run_name}/model.pt",
         "backend": process_group_backend(spec),
@@ -116,6 +118,7 @@ def build_trainer(
     run_name: str,
     settings: Settings,
     events: EventTarget | None = None,
+    yield_signal: YieldSignal | None = None,
     fault: dict[str, Any] | None = None,
 ):
     """The TorchTrainer for ``spec``: N workers, each with its device pair, checkpoints in storage.
@@ -126,7 +129,9 @@ def build_trainer(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    config, store = worker_config(spec, run_name=run_name, settings=settings, events=events, fault=fault)
+    config, store = worker_config(
+        spec, run_name=run_name, settings=settings, events=events, yield_signal=yield_signal, fault=fault
+    )
     gpus = spec.scaling.gpus_per_worker
     resources = {"CPU": spec.scaling.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
     return TorchTrainer(
@@ -152,6 +157,7 @@ def run_training(
     run_name: str,
     settings: Settings,
     events: EventTarget | None = None,
+    yield_signal: YieldSignal | None = None,
     resume: bool = True,
     fault: dict[str, Any] | None = None,
 ) -> TrainResult:
@@ -170,7 +176,9 @@ def run_training(
                 f"Ray at {settings.ray_address or 'local'}: cannot connect ({err}); "
                 "check RAY_ADDRESS or start one with `ray start --head`"
             ) from None
-    trainer, config = build_trainer(spec, run_name=run_name, settings=settings, events=events, fault=fault)
+    trainer, config = build_trainer(
+        spec, run_name=run_name, settings=settings, events=events, yield_signal=yield_signal, fault=fault
+    )
     if not resume:
         refuse_existing_run(config, settings)
     t0 = time.perf_counter()
@@ -190,7 +198,13 @@ def run_training(
 
 
 def result_from_metrics(metrics: dict[str, Any], seconds: float, checkpoint_url: str | None) -> TrainResult:
-    """The result from the loop's last report (its ``final`` and ``history`` metrics)."""
+    """The result from the loop's last report (its ``final`` and ``history`` metrics); JobYielded when the
+    run stopped at a checkpoint because it was asked to yield."""
+    if metrics.get("yielded"):
+        raise JobYielded(
+            f"training run yielded at step {metrics.get('global_step')} ({checkpoint_url}); it resumes from "
+            "there when launched again"
+        )
     final = json.loads(metrics["final"])
     history = json.loads(metrics["history"])
     return TrainResult(

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from alexnet_dist.errors import AlexNetDistError, ClusterError, ConfigError
-from alexnet_dist.events import EventTarget
+from alexnet_dist.events import EventTarget, YieldSignal
 from alexnet_dist.settings import Settings
 from alexnet_dist.spec import JobSpec
 from alexnet_dist.training.checkpoint import _sort_key
@@ -119,11 +119,14 @@ def run_local(
     run_name: str,
     settings: Settings,
     events: EventTarget | None = None,
+    yield_signal: YieldSignal | None = None,
     resume: bool = True,
     fault: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train ``spec`` in this process (or as one torchrun process) and return the result on rank 0."""
-    config, store = worker_config(spec, run_name=run_name, settings=settings, events=events, fault=fault)
+    config, store = worker_config(
+        spec, run_name=run_name, settings=settings, events=events, yield_signal=yield_signal, fault=fault
+    )
     if not store.url.startswith("file://"):
         raise ConfigError(
             f"checkpoint.storage={store.url!r}: a local run keeps its checkpoints in a local folder; "

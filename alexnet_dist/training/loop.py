@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from alexnet_dist.data.batch import PAD_LABEL
+from alexnet_dist.events import YieldSignal
 from alexnet_dist.model.config import AlexNetConfig, model_config
 from alexnet_dist.model.network import AlexNet
 from alexnet_dist.spec import JobSpec
@@ -60,8 +61,19 @@ def run_worker(config: dict[str, Any], session: Session) -> None:
     w = setup(config, session)
     resume(w)
     while w.progress.epoch < w.spec.train.epochs:
-        end_epoch(w, *train_epoch(w))
-    finish(w)
+        totals = train_epoch(w)
+        if w.yielded:
+            break
+        end_epoch(w, *totals)
+        if w.progress.epoch < w.spec.train.epochs and _yield_requested(w):
+            save(w, metrics={"yielded": 1}, background=False)
+            w.yielded = True
+            break
+    if w.yielded:
+        p = w.progress
+        w.sinks({"type": "yielded", "epoch": p.epoch, "step": p.step, "global_step": p.global_step})
+    else:
+        finish(w)
     w.sinks.close()
 
 
@@ -97,6 +109,8 @@ class Worker:
     feed: DeviceFeed
     progress: Progress = field(default_factory=Progress)
     last_checkpoint: float = field(default_factory=time.monotonic)  # when the newest checkpoint was taken
+    yield_signal: YieldSignal | None = None  # rank 0's way to hear that the service wants the room back
+    yielded: bool = False  # the run checkpointed and stopped for the service
 
     @property
     def rank(self) -> int:
@@ -200,8 +214,9 @@ def setup(config: dict[str, Any], session: Session) -> Worker:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu and spec.train.bf16)
     feed = DeviceFeed(train_manifest.mean, train_manifest.std, (d0, d1),
                       channels_last=on_gpu and spec.train.channels_last)  # fmt: skip
+    signal = YieldSignal.from_dict(config["yield"]) if config.get("yield") and rank == 0 else None
     return Worker(spec, config, session, sinks, (d0, d1), cfg, model, net, optimizer, schedule,
-                  train_loader, eval_loader, train_manifest, autocast, feed)  # fmt: skip
+                  train_loader, eval_loader, train_manifest, autocast, feed, yield_signal=signal)  # fmt: skip
 
 
 def resume(w: Worker) -> None:
@@ -242,7 +257,13 @@ def align_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
                     optimizer.state[param][key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
-def save(w: Worker, *, finished: bool = False, metrics: dict[str, Any] | None = None) -> None:
+def save(
+    w: Worker,
+    *,
+    finished: bool = False,
+    metrics: dict[str, Any] | None = None,
+    background: bool | None = None,
+) -> None:
     """Every rank calls this (reporting is a barrier); rank 0 writes the checkpoint.
 
     Mid-run checkpoints upload in the background when the spec allows it (the runner deletes the folder
@@ -251,7 +272,8 @@ def save(w: Worker, *, finished: bool = False, metrics: dict[str, Any] | None = 
     p, spec = w.progress, w.spec
     metrics = {"epoch": p.epoch, "step": p.step, "global_step": p.global_step, **(metrics or {})}
     w.last_checkpoint = time.monotonic()
-    background = spec.checkpoint.async_upload and not finished
+    if background is None:
+        background = spec.checkpoint.async_upload and not finished
     if w.rank != 0:
         w.session.report(metrics, None, None)
         return
@@ -346,9 +368,27 @@ def train_epoch(w: Worker) -> tuple[torch.Tensor, int, float]:
                 }
             )
             t_log, seen_log = now, seen
+        if p.step < steps_per_epoch and p.step % spec.train.log_every_steps == 0 and _yield_requested(w):
+            save(w, metrics={"yielded": 1}, background=False)  # the process ends next: upload it now
+            w.yielded = True
+            break
         if p.step < steps_per_epoch and _checkpoint_due(w):
             save(w)
     return loss_sum, seen, time.perf_counter() - t_epoch
+
+
+def _yield_requested(w: Worker) -> bool:
+    """Whether the service asked this run to yield: rank 0 reads it, every rank agrees at this step."""
+    if not w.config.get("yield"):  # the same on every rank: not run by the service, nothing to hear
+        return False
+    asked = w.yield_signal is not None and w.rank == 0 and w.yield_signal.requested()
+    if w.world > 1:
+        import torch.distributed as dist
+
+        flag = torch.tensor([int(asked)], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        asked = bool(flag.item())
+    return asked
 
 
 def _checkpoint_due(w: Worker) -> bool:
