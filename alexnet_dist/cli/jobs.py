@@ -65,7 +65,10 @@ def submit(
 ) -> None:
     """Queue a job; nothing is queued if the spec or its manifests are wrong."""
     spec = load_spec(spec_path, set_)
-    rec, created = _service(load_settings()).submit(spec, priority=priority, client_key=client_key)
+    settings = load_settings()
+    rec, created = _service(settings).submit(
+        spec, priority=priority, client_key=client_key, user=settings.user, team=settings.team
+    )
     if as_json:
         _print_json({**rec.to_dict(), "created": created})
     else:

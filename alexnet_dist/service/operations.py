@@ -63,11 +63,18 @@ class JobService:
     # -- what users do ---------------------------------------------------------------------------------
 
     def submit(
-        self, spec: JobSpec, *, priority: int | None = None, client_key: str | None = None
+        self,
+        spec: JobSpec,
+        *,
+        priority: int | None = None,
+        client_key: str | None = None,
+        user: str = "",
+        team: str = "",
     ) -> tuple[JobRecord, bool]:
-        """Queue a job; returns (record, created). Nothing is queued if the spec's manifests are wrong."""
+        """Queue a job for ``user`` of ``team`` (the caller's identity, never the spec's); returns (record,
+        created). Nothing is queued if the spec's manifests are wrong."""
         check_data(spec, endpoint_url=self.endpoint_url)
-        return self.store.submit(spec, priority=priority, client_key=client_key)
+        return self.store.submit(spec, priority=priority, client_key=client_key, user=user, team=team)
 
     def list(self, state: JobState | None = None, *, limit: int | None = None) -> list[JobRecord]:
         """Jobs in submission order (newest last), optionally only of ``state``, only the newest ``limit``."""
