@@ -123,6 +123,22 @@ class SchedulingSpec(_Frozen):
     preemptible: bool = True
 
 
+class NotifySpec(_Frozen):
+    # Webhooks of this job besides the service's own: a signed JSON POST on each of its state changes and
+    # its result (http or https URLs; at most 10).
+    urls: list[str] = Field(default_factory=list, max_length=10)
+
+    @model_validator(mode="after")
+    def _http_urls(self) -> NotifySpec:
+        from urllib.parse import urlsplit
+
+        for url in self.urls:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"notify.urls: {url!r} is not an http(s) URL with a host")
+        return self
+
+
 class JobSpec(_Frozen):
     name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     seed: int = 0
@@ -135,6 +151,7 @@ class JobSpec(_Frozen):
     scaling: ScalingSpec = ScalingSpec()
     checkpoint: CheckpointSpec = CheckpointSpec()
     scheduling: SchedulingSpec = SchedulingSpec()
+    notify: NotifySpec = NotifySpec()
 
     @model_validator(mode="after")
     def _batch_splits_evenly(self) -> JobSpec:

@@ -232,6 +232,7 @@ def dispatcher(
 
     from alexnet_dist.service.dispatcher import Dispatcher
     from alexnet_dist.service.launcher import job_env
+    from alexnet_dist.service.notify import Notifier, StateFollower
 
     settings = load_settings()
     store = _store(settings)
@@ -242,6 +243,12 @@ def dispatcher(
         interval_s=interval,
         lock_ttl_s=lock_ttl,
     )
+    # Webhooks (the service's and the jobs' own): a follower of the store's changes stream in a thread of
+    # its own, with its own lock, so a receiver that is down never slows a dispatcher pass.
+    secret = settings.webhook_secret.encode() or None
+    notifier = Notifier(list(settings.webhooks), secret=secret, slack=settings.webhook_slack)
+    follower = StateFollower(store.client, store.keys, notifier)
+    follower.start()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     log.info("dispatcher %s: waiting for the lock on %s", d.token[:8], store.keys.dispatcher_lock)
@@ -249,6 +256,8 @@ def dispatcher(
         d.run(stop)
     except KeyboardInterrupt:
         pass
+    finally:
+        follower.close(10)
 
 
 @app.command("run-job", hidden=True)

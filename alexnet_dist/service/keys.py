@@ -16,6 +16,9 @@ and a reader of the code sees the whole data model at once:
 | ``live:{id}``           | channel     | the same events, pushed as they happen                          |
 | ``results``             | channel     | final results of every job (JSON)                               |
 | ``dispatcher:lock``     | string      | token of the one active dispatcher, with a TTL                  |
+| ``changes``             | stream      | every job's state changes and results (what webhooks follow)    |
+| ``notify:cursor``       | string      | the newest ``changes`` entry every webhook has finished with    |
+| ``notify:lock``         | string      | token of the one active webhook follower, with a TTL            |
 """
 
 from __future__ import annotations
@@ -64,3 +67,15 @@ class Keys:
     @property
     def dispatcher_lock(self) -> str:
         return f"{self.prefix}dispatcher:lock"
+
+    @property
+    def changes(self) -> str:
+        return f"{self.prefix}changes"
+
+    @property
+    def notify_cursor(self) -> str:
+        return f"{self.prefix}notify:cursor"
+
+    @property
+    def notify_lock(self) -> str:
+        return f"{self.prefix}notify:lock"

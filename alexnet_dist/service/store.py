@@ -40,7 +40,7 @@ ACTIVE = frozenset({JobState.LAUNCHING, JobState.RUNNING})
 TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
 _MAX_PRIORITY = 2**52  # scores are doubles: beyond this, priorities would round together
 
-# KEYS: job, queue, index, seq, client, events, live
+# KEYS: job, queue, index, seq, client, events, live, changes
 # ARGV: job id, use client key ('1'/'0'), queue score, stream maxlen, event JSON, then field/value pairs
 _SUBMIT = """
 if ARGV[2] == '1' then
@@ -55,10 +55,11 @@ redis.call('ZADD', KEYS[3], seq, ARGV[1])
 if ARGV[2] == '1' then redis.call('SET', KEYS[5], ARGV[1]) end
 redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[4], '*', 'data', ARGV[5])
 redis.call('PUBLISH', KEYS[7], ARGV[5])
+redis.call('XADD', KEYS[8], 'MAXLEN', '~', ARGV[4], '*', 'job', KEYS[1], 'data', ARGV[5])
 return {1, ARGV[1]}
 """
 
-# KEYS: job, queue, active, events, live, lock
+# KEYS: job, queue, active, events, live, lock, changes
 # ARGV: allowed states (' A B '), new state ('' keeps it), expected attempt ('' any), lock token ('' none),
 #       queue score, stream maxlen, event JSON ('' none), then field/value pairs
 # Returns {1, old state} on success, {0, current state} on a mismatch, {-1, ''} if there is no such job,
@@ -81,6 +82,7 @@ end
 if ARGV[7] ~= '' then
   redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[6], '*', 'data', ARGV[7])
   redis.call('PUBLISH', KEYS[5], ARGV[7])
+  redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[6], '*', 'job', KEYS[1], 'data', ARGV[7])
 end
 return {1, cur[1]}
 """
@@ -213,7 +215,8 @@ class JobStore:
         }
         event = encode_event({"type": "state", "state": "QUEUED", "attempt": 1, "message": "queued"}, now=now)
         k = self.keys
-        keys = [k.job(jid), k.queue, k.index, k.seq, k.client(client_key or ""), k.events(jid), k.live(jid)]
+        keys = [k.job(jid), k.queue, k.index, k.seq, k.client(client_key or ""), k.events(jid), k.live(jid),
+                k.changes]  # fmt: skip
         args = [jid, "1" if client_key else "0", -prio, STREAM_MAXLEN, event, *_pairs(fields)]
         created, got = self._run(self._submit, keys, args)
         return self.get(got), bool(created)
@@ -250,6 +253,7 @@ class JobStore:
             k.events(record.id),
             k.live(record.id),
             k.dispatcher_lock,
+            k.changes,
         ]
         allowed_arg = " " + " ".join(s.value for s in states) + " "
         args = [
@@ -337,6 +341,8 @@ class JobStore:
                 self.keys.job(job_id), mapping={"result": json.dumps(result), "updated": repr(time.time())}
             )
             pipe.publish(self.keys.results, data)
+            change = {"job": self.keys.job(job_id), "data": encode_event({"type": "result", **payload})}
+            pipe.xadd(self.keys.changes, change, maxlen=STREAM_MAXLEN, approximate=True)
             pipe.execute()
         except (redis.ConnectionError, redis.TimeoutError) as err:
             raise QueueError(f"job {job_id}: result not stored, Redis unreachable ({err})") from None
