@@ -82,33 +82,46 @@ def list_jobs(
     limit: int | None = typer.Option(None, help="only the newest N"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Jobs in submission order."""
-    records = _service(load_settings()).list(state, limit=limit)
+    """Jobs in submission order; a queued job says where it stands in the queue and why it waits."""
+    service = _service(load_settings())
+    records = service.list(state, limit=limit)
+    pending = service.pending()
     if as_json:
-        _print_json([r.to_dict(spec=False) for r in records])
+        _print_json([{**r.to_dict(spec=False), "pending": pending.get(r.id)} for r in records])
         return
-    table = Table("job", "state", "attempt", "priority", "workers", "message")
+    table = Table("job", "state", "attempt", "priority", "team", "workers", "message")
     for r in records:
         scaling = r.spec.scaling
+        waits = pending.get(r.id) if r.state is JobState.QUEUED else None
+        message = f"#{waits['position']}: {waits['reason']}" if waits else r.message
         table.add_row(
             r.id,
             r.state.value,
             str(r.attempt),
             str(r.priority),
+            r.team,
             f"{scaling.workers}x{scaling.devices}",
-            r.message,
+            message,
         )
     out.print(table)
 
 
 @app.command()
 def status(job_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
-    """One job's record."""
-    rec = _service(load_settings()).get(job_id)
+    """One job's record; a queued one with its place in the queue, why it waits and when it may start."""
+    service = _service(load_settings())
+    rec = service.get(job_id)
+    waits = service.pending().get(job_id) if rec.state is JobState.QUEUED else None
     if as_json:
-        _print_json(rec.to_dict())
+        _print_json({**rec.to_dict(), "pending": waits})
         return
     table = Table(show_header=False)
+    if waits:
+        table.add_row("position", str(waits["position"]))
+        table.add_row("waiting", str(waits["reason"]))
+        for key in ("eta_start", "eta_finish"):
+            at = waits.get(key)
+            table.add_row(key, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at)) if at else "unknown")
     for k, v in rec.to_dict(spec=False).items():
         if k == "result" and isinstance(v, dict):  # the figures people look for; --json has all of it
             view = "ten-crop" if v.get("ten_crop") else "central crop"
@@ -233,6 +246,7 @@ def dispatcher(
     from alexnet_dist.service.dispatcher import Dispatcher
     from alexnet_dist.service.launcher import job_env
     from alexnet_dist.service.notify import Notifier, StateFollower
+    from alexnet_dist.service.resources import Quota
 
     settings = load_settings()
     store = _store(settings)
@@ -242,6 +256,9 @@ def dispatcher(
         env=job_env(settings),
         interval_s=interval,
         lock_ttl_s=lock_ttl,
+        quotas={team: Quota(**limits) for team, limits in settings.quotas.items()},
+        usage_half_life_s=settings.usage_half_life_s,
+        min_run_s=settings.min_run_s,
     )
     # Webhooks (the service's and the jobs' own): a follower of the store's changes stream in a thread of
     # its own, with its own lock, so a receiver that is down never slows a dispatcher pass.

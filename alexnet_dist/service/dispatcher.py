@@ -14,6 +14,7 @@ crash loses no job and launches none twice.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -22,7 +23,8 @@ from collections.abc import Callable
 
 from alexnet_dist.errors import ClusterError, QueueError
 from alexnet_dist.service.launcher import Launcher, LaunchStatus, default_entrypoint
-from alexnet_dist.service.policy import Demand, Job, Launch, Policy, plan
+from alexnet_dist.service.policy import Demand, Job, Launch, Policy, PolicyConfig, Preempt, plan
+from alexnet_dist.service.resources import Quota, add_usage, decay_usage
 from alexnet_dist.service.store import JobRecord, JobState, JobStore
 
 __all__ = ["Dispatcher"]
@@ -39,9 +41,20 @@ return 0"""
 _RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
 
-def _job(rec: JobRecord) -> Job:
+def _job(rec: JobRecord, remaining: float | None = None) -> Job:
     """The record as the policy sees it."""
-    return Job(rec.id, Demand.of(rec.spec), rec.priority)
+    spec = rec.spec
+    return Job(
+        rec.id,
+        Demand.of(spec),
+        rec.priority,
+        team=rec.team,
+        preemptible=spec.scheduling.preemptible,
+        started=rec.started or None,
+        remaining_seconds=remaining,
+        borrowed=rec.borrowed,
+        stopping=bool(rec.yield_requested or rec.cancel_requested),
+    )
 
 
 class Dispatcher:
@@ -63,6 +76,9 @@ class Dispatcher:
         lock_ttl_s: float = 10.0,
         scan: int = 100,
         yield_timeout_s: float = 300.0,
+        quotas: dict[str, Quota] | None = None,
+        usage_half_life_s: float = 6 * 3600.0,
+        min_run_s: float = 600.0,
     ) -> None:
         self.store = store
         self.launcher = launcher
@@ -73,6 +89,9 @@ class Dispatcher:
         self.lock_ttl_ms = int(lock_ttl_s * 1000)
         self.scan = scan  # queued jobs (from the head of the queue) the policy sees per pass
         self.yield_timeout_s = yield_timeout_s  # a job asked to yield that has not by then is stopped
+        self.quotas = dict(quotas or {})
+        self.usage_half_life_s = usage_half_life_s
+        self.policy_config = PolicyConfig(min_run_seconds=min_run_s)
         self.token = uuid.uuid4().hex
         self.launches = 0  # Ray Job submissions made by this instance
         self._stopped: dict[str, float] = {}  # submission id -> when this instance last asked Ray to stop it
@@ -201,35 +220,87 @@ class Dispatcher:
         fields = {"started": repr(time.time())}
         self.store.transition(rec, JobState.RUNNING, message=msg, fields=fields, lock_token=self.token)
 
-    def _launch(self, rec: JobRecord) -> bool:
+    def _launch(self, rec: JobRecord, *, borrowed: bool = False) -> bool:
         """Claim the job (QUEUED -> LAUNCHING) and submit it; False if the claim failed."""
+        message = "launching on borrowed room" if borrowed else "launching"
+        fields = {"borrowed": int(borrowed)}
         if not self.store.transition(
-            rec, JobState.LAUNCHING, message="launching", lock_token=self.token, allowed=[JobState.QUEUED]
-        ):
+            rec, JobState.LAUNCHING, message=message, fields=fields, lock_token=self.token,
+            allowed=[JobState.QUEUED],
+        ):  # fmt: skip
             return False  # cancelled meanwhile, or we lost the lock
         self._submit(self.store.get(rec.id))
         return True
 
+    def _usage(self, active: list[JobRecord], now: float) -> dict[str, float]:
+        """The teams' device-seconds decayed to ``now``, plus what running jobs used since the last pass."""
+        usage, at = self.store.usage()
+        elapsed = now - at if at else 0.0
+        usage = decay_usage(usage, elapsed, self.usage_half_life_s)
+        for rec in active:
+            if rec.state is JobState.RUNNING and rec.started:
+                used = Demand.of(rec.spec).device_seconds(min(elapsed, now - rec.started))
+                usage = add_usage(usage, rec.team, used)
+        return usage
+
+    def _remaining(self, rec: JobRecord, now: float) -> float | None:
+        """A running job's time left, from its last step event: the steps left at its measured pace."""
+        entries = self.store.client.xrevrange(self.store.keys.events(rec.id), count=20)
+        for _, fields in entries:
+            event = json.loads(fields.get("data", "{}"))
+            if event.get("type") != "step" or not event.get("images_per_s"):
+                continue
+            per_epoch, epochs = event["steps_per_epoch"], event["epochs"]
+            left = per_epoch * epochs - (per_epoch * (event["epoch"] - 1) + event["step"])
+            seconds_per_step = rec.spec.train.batch_size / event["images_per_s"]
+            return max(0.0, left * seconds_per_step - (now - event.get("time", now)))
+        return None
+
     def launch_ready(self) -> int:
-        """Carry out the policy's launches for this pass; returns how many jobs were claimed and launched."""
+        """Carry out the policy's decisions for this pass (launches, requests to yield), and record why
+        each queued job waits; returns how many jobs were claimed and launched."""
+        now = time.time()
         cluster = self.launcher.nodes()
-        running = [_job(r) for r in self.store.active()]
+        active = self.store.active()
         records = self.store.queued(limit=self.scan)
+        usage = self._usage(active, now)
+        running = [_job(r, self._remaining(r, now)) for r in active]
         waiting = {r.id: _job(r) for r in records}  # in queue order
         by_id = {r.id: r for r in records}
+        context = dict(now=now, quotas=self.quotas, usage=usage, config=self.policy_config)
         launched = 0
         replan = True
+        result: object = ()
         while replan:
             replan = False
-            for decision in self.policy(cluster, running, list(waiting.values())):
+            result = self.policy(cluster, running, list(waiting.values()), **context)
+            for decision in result:
+                if isinstance(decision, Preempt):
+                    try:
+                        self.request_yield(decision.job_id, why=f"room for {decision.for_job}")
+                    except QueueError as err:
+                        log.warning("%s", err)
+                    continue
                 if not isinstance(decision, Launch):
                     raise TypeError(f"{decision!r}: not a decision this dispatcher carries out")
                 job = waiting.pop(decision.job_id)
-                if not self._launch(by_id[job.id]):
+                if not self._launch(by_id[job.id], borrowed=decision.borrowed):
                     replan = True  # the room the policy gave this job is free after all: plan the rest again
                     break
                 running.append(job)
                 launched += 1
+        pending = {
+            job_id: {
+                "reason": p.reason,
+                "position": p.position,
+                "eta_start": p.eta_start,
+                "eta_finish": p.eta_finish,
+                "why": p.why.value,
+            }  # fmt: skip
+            for job_id, p in getattr(result, "pending", {}).items()
+            if job_id in waiting
+        }
+        self.store.store_pending(pending, usage, now)
         return launched
 
     def request_yield(self, job_id: str, *, why: str) -> bool:

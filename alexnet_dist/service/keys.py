@@ -16,6 +16,8 @@ and a reader of the code sees the whole data model at once:
 | ``live:{id}``           | channel     | the same events, pushed as they happen                          |
 | ``results``             | channel     | final results of every job (JSON)                               |
 | ``dispatcher:lock``     | string      | token of the one active dispatcher, with a TTL                  |
+| ``usage``               | hash        | team -> decayed device-seconds; ``.at``: when last decayed      |
+| ``pending``             | hash        | queued job -> why it waits, its position, its ETA (JSON)        |
 | ``changes``             | stream      | every job's state changes and results (what webhooks follow)    |
 | ``notify:cursor``       | string      | the newest ``changes`` entry every webhook has finished with    |
 | ``notify:lock``         | string      | token of the one active webhook follower, with a TTL            |
@@ -79,3 +81,11 @@ class Keys:
     @property
     def notify_lock(self) -> str:
         return f"{self.prefix}notify:lock"
+
+    @property
+    def usage(self) -> str:
+        return f"{self.prefix}usage"
+
+    @property
+    def pending(self) -> str:
+        return f"{self.prefix}pending"

@@ -76,6 +76,10 @@ class JobService:
         check_data(spec, endpoint_url=self.endpoint_url)
         return self.store.submit(spec, priority=priority, client_key=client_key, user=user, team=team)
 
+    def pending(self) -> dict[str, dict[str, Any]]:
+        """Why each queued job waits (reason, position, ETAs), as the dispatcher's last pass saw it."""
+        return self.store.pending()
+
     def list(self, state: JobState | None = None, *, limit: int | None = None) -> list[JobRecord]:
         """Jobs in submission order (newest last), optionally only of ``state``, only the newest ``limit``."""
         return self.store.list(state, limit=limit)

@@ -115,6 +115,7 @@ class JobRecord:
     yield_requested: float = 0.0  # when the dispatcher asked it to yield (0: not asked)
     yielded: bool = False  # its run checkpointed and stopped because it was asked to yield
     preemptions: int = 0  # times it yielded its room (never counted against its retries)
+    borrowed: bool = False  # this attempt was launched past its team's quota (the first to be preempted)
 
     @property
     def spec(self) -> JobSpec:
@@ -158,6 +159,7 @@ class JobRecord:
             yield_requested=float(h.get("yield_requested", 0.0)),
             yielded=h.get("yielded") == "1",
             preemptions=int(h.get("preemptions", 0)),
+            borrowed=h.get("borrowed") == "1",
         )
 
 
@@ -326,9 +328,35 @@ class JobStore:
             JobState.QUEUED,
             attempt=rec.attempt + 1,
             message=f"queued again after preemption as attempt {rec.attempt + 1}",
-            fields={"yield_requested": 0, "yielded": 0, "started": 0, "preemptions": rec.preemptions + 1},
+            fields={
+                "yield_requested": 0,
+                "yielded": 0,
+                "started": 0,
+                "borrowed": 0,
+                "preemptions": rec.preemptions + 1,
+            },  # fmt: skip
             lock_token=lock_token,
         )
+
+    def pending(self) -> dict[str, dict[str, Any]]:
+        """Why each queued job waits, as the dispatcher's last pass saw it: reason, position, ETAs."""
+        raw = self._call(self.client.hgetall, self.keys.pending)
+        return {job_id: json.loads(value) for job_id, value in raw.items()}
+
+    def usage(self) -> tuple[dict[str, float], float]:
+        """Each team's decayed device-seconds, and when they were last decayed (0: never)."""
+        raw = self._call(self.client.hgetall, self.keys.usage)
+        at = float(raw.pop(".at", 0.0))
+        return {team: float(v) for team, v in raw.items()}, at
+
+    def store_pending(self, pending: dict[str, dict[str, Any]], usage: dict[str, float], at: float) -> None:
+        """The pass's waiting reasons and the teams' usage, replaced together."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.delete(self.keys.pending, self.keys.usage)
+        if pending:
+            pipe.hset(self.keys.pending, mapping={k: json.dumps(v) for k, v in pending.items()})
+        pipe.hset(self.keys.usage, mapping={**{k: repr(v) for k, v in usage.items()}, ".at": repr(at)})
+        self._call(pipe.execute)
 
     def store_result(self, job_id: str, result: dict[str, Any]) -> None:
         """Keep the final result in the record and publish it on the results channel."""

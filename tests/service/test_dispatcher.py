@@ -105,11 +105,11 @@ def test_a_job_cancelled_before_its_claim_leaves_its_room_to_the_next(redis_url:
     cluster = RedisCluster(redis_url, cpus=2.0, outcome="RUNNING")  # room for one of the two
     asked: list[list[str]] = []
 
-    def cancel_first(cluster: Cluster, running: list[Job], queued: list[Job]) -> list[Decision]:
+    def cancel_first(cluster: Cluster, running: list[Job], queued: list[Job], **context) -> list[Decision]:
         asked.append([j.id for j in queued])
         if len(asked) == 1:
             queue.cancel(first.id)  # a user cancels between the plan and the claim
-        return plan(cluster, running, queued)
+        return plan(cluster, running, queued, **context)
 
     d = Dispatcher(queue, cluster, policy=cancel_first)
     assert d.acquire()

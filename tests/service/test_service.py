@@ -124,6 +124,7 @@ def service(redis_url: str, ray_head: RayHead, tmp_path: Path) -> Iterator[Servi
         "ALEXNET_DIST_RAY_DASHBOARD": ray_head.dashboard_url,
         "RAY_ADDRESS": ray_head.address,
         "ALEXNET_DIST_STORAGE": str(tmp_path / "runs"),
+        "ALEXNET_DIST_MIN_RUN_S": "0",  # a job may be preempted as soon as it runs (the preemption test)
     }
     log = tmp_path / "dispatcher.log"
     with open(log, "w") as f:
@@ -309,3 +310,57 @@ def test_cancel_stops_the_ray_job_and_resume_continues_from_the_checkpoint(
     top1, top5, at = res["top1_error"], res["top5_error"], resumed["global_step"]
     print(f"\ncancelled in {cancel_s:.1f}s at step {last_step}; resumed at step {at}", end="; ")
     print(f"top-1 {top1:.4f} top-5 {top5:.4f}")
+
+
+def _weights(model_url: str) -> dict[str, Any]:
+    import torch
+
+    return torch.load(model_url.removeprefix("file://"), weights_only=True)["model"]
+
+
+@pytest.mark.slow
+def test_a_high_priority_job_preempts_a_low_one_that_resumes_to_identical_weights(
+    service: Service, shards: dict[str, str], tmp_path: Path
+) -> None:
+    """Each job takes the whole 2-CPU head. The low one, mid-epoch, is asked to yield by the policy, goes
+    back to its place, and once the high one is done resumes to the weights of the same job run alone."""
+    common = [f"data.train={shards['train']}", f"data.val={shards['test']}", "train.epochs=2",
+              "train.log_every_steps=2", "train.ten_crop_eval=false"]  # fmt: skip
+    sets = [a for o in common for a in ("--set", o)]
+    low = json.loads(service.cli("submit", str(SMOKE), *sets, "--priority", "0", "--json").stdout)["id"]
+    service.wait(
+        low, lambda: any(e["type"] == "step" and e["step"] >= 4 for e in service.events(low)), "no step 4"
+    )
+    later = json.loads(service.cli("submit", str(SMOKE), *sets, "--priority", "0", "--json").stdout)["id"]
+    high = json.loads(service.cli("submit", str(SMOKE), *sets, "--priority", "5", "--json").stdout)["id"]
+
+    def state(job_id: str) -> JobState:
+        return service.queue.get(job_id).state
+
+    service.wait(low, lambda: "PREEMPTED" in _states(service.events(low)), "low not preempted")
+    # back at its place: ahead of the job of its priority submitted after it
+    service.wait(high, lambda: state(high) in (JobState.RUNNING, JobState.SUCCEEDED), "high not launched")
+    queued = [r.id for r in service.queue.queued()]
+    assert queued.index(low) < queued.index(later)
+    service.cli("cancel", later)
+    service.wait(high, lambda: state(high) is JobState.SUCCEEDED, "high did not succeed")
+    service.wait(low, lambda: state(low) is JobState.SUCCEEDED, "low did not succeed after resuming")
+
+    rec = service.queue.get(low)
+    assert (rec.attempt, rec.preemptions, rec.retries_left) == (2, 1, load_spec(SMOKE).retries)
+    assert _states(service.events(low)) == [
+        "QUEUED", "LAUNCHING", "RUNNING", "PREEMPTED", "QUEUED", "LAUNCHING", "RUNNING", "SUCCEEDED"
+    ]  # fmt: skip
+    yielded = [e for e in service.events(low) if e["type"] == "yielded"]
+    resumed = [e for e in service.events(low) if e["type"] == "resumed"]
+    assert len(yielded) == 1 and resumed and resumed[0]["global_step"] == yielded[0]["global_step"] > 0
+
+    # the same job alone, on the same cluster: the same final weights, bit for bit
+    alone = [*sets, "--set", f"checkpoint.storage={tmp_path / 'alone'}"]
+    done = subprocess.run([str(CLI), "train", str(SMOKE), *alone, "--json"], env=service.env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=FIT_TIMEOUT_S)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    reference = json.loads(done.stdout.strip().splitlines()[-1])
+    mine, ref = _weights(rec.result["model_url"]), _weights(reference["model_url"])
+    assert mine.keys() == ref.keys() and all(mine[k].equal(ref[k]) for k in mine)
+    print(f"\nlow yielded at step {yielded[0]['global_step']} and resumed there", end="; ")
