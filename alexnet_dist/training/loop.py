@@ -23,8 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,10 +36,10 @@ from alexnet_dist.events import YieldSignal
 from alexnet_dist.model.config import AlexNetConfig, model_config
 from alexnet_dist.model.network import AlexNet
 from alexnet_dist.spec import JobSpec
-from alexnet_dist.training.checkpoint import checkpoint_dir_name, load_newest_good, write_checkpoint
 from alexnet_dist.training.devices import configure_gpu, data_parallel
 from alexnet_dist.training.evaluation import EvalResult, evaluate
 from alexnet_dist.training.inputs import DeviceFeed
+from alexnet_dist.training.resumption import checkpoint_due, resume, save, yield_requested
 from alexnet_dist.training.schedule import LRSchedule
 from alexnet_dist.training.session import RaySession, Session
 from alexnet_dist.training.sinks import Sinks, make_sinks
@@ -65,7 +63,7 @@ def run_worker(config: dict[str, Any], session: Session) -> None:
         if w.yielded:
             break
         end_epoch(w, *totals)
-        if w.progress.epoch < w.spec.train.epochs and _yield_requested(w):
+        if w.progress.epoch < w.spec.train.epochs and yield_requested(w):
             save(w, metrics={"yielded": 1}, background=False)
             w.yielded = True
             break
@@ -219,90 +217,6 @@ def setup(config: dict[str, Any], session: Session) -> Worker:
                   train_loader, eval_loader, train_manifest, autocast, feed, yield_signal=signal)  # fmt: skip
 
 
-def resume(w: Worker) -> None:
-    """Continue from the session's newest good checkpoint, if there is one."""
-    restored = load_newest_good(w.session.latest_checkpoint())
-    if restored is None:
-        return
-    ckpt, state = restored
-    w.model.load_state_dict(state["model"])
-    w.optimizer.load_state_dict(state["optimizer"])
-    align_optimizer_state(w.optimizer)
-    w.schedule.load_state_dict(state["schedule"])
-    p = w.progress
-    p.epoch, p.step, p.global_step = state["epoch"], state["step"], state["global_step"]
-    p.history, p.train_seconds = list(state.get("history", [])), float(state.get("train_seconds", 0.0))
-    saved_world = state["data"].get("world_size", w.world)
-    if saved_world != w.world and p.step:
-        log.warning("world size changed (%s -> %s): restarting epoch %d from its start", saved_world,
-                    w.world, p.epoch)  # fmt: skip
-        p.global_step -= p.step
-        p.step = 0
-    w.sinks({"type": "resumed", "epoch": p.epoch, "step": p.step, "global_step": p.global_step,
-             "from": ckpt.path})  # fmt: skip
-
-
-def align_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    """Lay every per-parameter state tensor (momentum) out as its parameter is.
-
-    ``load_state_dict`` keeps the saved tensors' strides, and fused SGD walks a parameter and its momentum
-    buffer as flat memory: a channels-last weight with an NCHW buffer (a run resumed on another layout or
-    device type) would be updated with the wrong momentum. The values are kept; only the layout changes.
-    """
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            for key, value in optimizer.state.get(param, {}).items():
-                is_like = isinstance(value, torch.Tensor) and value.shape == param.shape
-                if is_like and value.stride() != param.stride():
-                    optimizer.state[param][key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
-
-
-def save(
-    w: Worker,
-    *,
-    finished: bool = False,
-    metrics: dict[str, Any] | None = None,
-    background: bool | None = None,
-) -> None:
-    """Every rank calls this (reporting is a barrier); rank 0 writes the checkpoint.
-
-    Mid-run checkpoints upload in the background when the spec allows it (the runner deletes the folder
-    once uploaded); the final one is uploaded before this returns.
-    """
-    p, spec = w.progress, w.spec
-    metrics = {"epoch": p.epoch, "step": p.step, "global_step": p.global_step, **(metrics or {})}
-    w.last_checkpoint = time.monotonic()
-    if background is None:
-        background = spec.checkpoint.async_upload and not finished
-    if w.rank != 0:
-        w.session.report(metrics, None, None)
-        return
-    tmp = tempfile.mkdtemp(prefix="alexnet-ckpt-")
-    try:
-        write_checkpoint(
-            tmp,
-            {
-                "format": 1,
-                "model": w.model.state_dict(),
-                "optimizer": w.optimizer.state_dict(),
-                "schedule": w.schedule.state_dict(),
-                "epoch": p.epoch,
-                "step": p.step,
-                "global_step": p.global_step,
-                "data": {"epoch": p.epoch, "batches": p.step, "seed": spec.seed, "world_size": w.world},
-                "rng": {"torch": torch.get_rng_state()},
-                "spec": spec.to_json(),
-                "history": p.history,
-                "train_seconds": p.train_seconds,
-                "finished": finished,
-            },
-        )
-        w.session.report(metrics, tmp, checkpoint_dir_name(p.global_step), background=background)
-    finally:
-        if not background:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 # --------------------------------------------------------------------------------------------------
 # one epoch
 
@@ -368,45 +282,13 @@ def train_epoch(w: Worker) -> tuple[torch.Tensor, int, float]:
                 }
             )
             t_log, seen_log = now, seen
-        if p.step < steps_per_epoch and p.step % spec.train.log_every_steps == 0 and _yield_requested(w):
+        if p.step < steps_per_epoch and p.step % spec.train.log_every_steps == 0 and yield_requested(w):
             save(w, metrics={"yielded": 1}, background=False)  # the process ends next: upload it now
             w.yielded = True
             break
-        if p.step < steps_per_epoch and _checkpoint_due(w):
+        if p.step < steps_per_epoch and checkpoint_due(w):
             save(w)
     return loss_sum, seen, time.perf_counter() - t_epoch
-
-
-def _yield_requested(w: Worker) -> bool:
-    """Whether the service asked this run to yield: rank 0 reads it, every rank agrees at this step."""
-    if not w.config.get("yield"):  # the same on every rank: not run by the service, nothing to hear
-        return False
-    asked = w.yield_signal is not None and w.rank == 0 and w.yield_signal.requested()
-    if w.world > 1:
-        import torch.distributed as dist
-
-        flag = torch.tensor([int(asked)], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        asked = bool(flag.item())
-    return asked
-
-
-def _checkpoint_due(w: Worker) -> bool:
-    """Whether every rank checkpoints after this step: every ``every_steps`` steps, or (checked on log
-    steps only, so the ranks' agreement costs one tiny all-reduce there) once ``every_minutes`` passed."""
-    spec, p = w.spec, w.progress
-    every = spec.checkpoint.every_steps
-    if every and p.step % every == 0:
-        return True
-    minutes = spec.checkpoint.every_minutes
-    if not minutes or p.step % spec.train.log_every_steps:
-        return False
-    due = torch.tensor([time.monotonic() - w.last_checkpoint >= minutes * 60], dtype=torch.int32)
-    if w.world > 1:  # rank clocks differ: checkpoint when any rank's is due, all at this same step
-        import torch.distributed as dist
-
-        dist.all_reduce(due, op=dist.ReduceOp.MAX)
-    return bool(due.item())
 
 
 def _maybe_die(fault: dict[str, Any] | None, rank: int, global_step: int) -> None:

@@ -26,7 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from alexnet_dist.model.network import AlexNet, _cross, build_model
 from alexnet_dist.settings import Settings
 from alexnet_dist.spec import JobSpec
-from alexnet_dist.training import loop
+from alexnet_dist.training import loop, resumption
 from alexnet_dist.training.driver import process_group_backend, worker_config
 from alexnet_dist.training.inputs import DeviceFeed
 
@@ -172,7 +172,7 @@ def test_a_resume_on_another_layout_continues_exactly(saved_cl: bool, resumed_cl
     opt2.load_state_dict(state["opt"])
     bad = [p for p in resumed if p.dim() == 4 and opt2.state[p]["momentum_buffer"].stride() != p.stride()]
     assert bad, "the saved buffers keep their own strides: the case this guards"
-    loop.align_optimizer_state(opt2)
+    resumption.align_optimizer_state(opt2)
     assert all(opt2.state[p]["momentum_buffer"].stride() == p.stride() for p in resumed)
     steps(resumed, opt2, range(2, 4))
     for a, b in zip(ref, resumed, strict=True):
