@@ -259,6 +259,7 @@ def dispatcher(
         quotas={team: Quota(**limits) for team, limits in settings.quotas.items()},
         usage_half_life_s=settings.usage_half_life_s,
         min_run_s=settings.min_run_s,
+        endpoint_url=settings.s3_endpoint_url,
     )
     # Webhooks (the service's and the jobs' own): a follower of the store's changes stream in a thread of
     # its own, with its own lock, so a receiver that is down never slows a dispatcher pass.

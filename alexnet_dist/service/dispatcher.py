@@ -21,11 +21,22 @@ import time
 import uuid
 from collections.abc import Callable
 
-from alexnet_dist.errors import ClusterError, QueueError
+from alexnet_dist.data.manifest import load_manifest
+from alexnet_dist.errors import AlexNetDistError, ClusterError, QueueError
 from alexnet_dist.service.launcher import Launcher, LaunchStatus, default_entrypoint
-from alexnet_dist.service.policy import Demand, Job, Launch, Policy, PolicyConfig, Preempt, plan
+from alexnet_dist.service.policy import (
+    Demand,
+    Job,
+    Launch,
+    Policy,
+    PolicyConfig,
+    Preempt,
+    estimate_seconds,
+    plan,
+)
 from alexnet_dist.service.resources import Quota, add_usage, decay_usage
 from alexnet_dist.service.store import JobRecord, JobState, JobStore
+from alexnet_dist.spec import JobSpec
 
 __all__ = ["Dispatcher"]
 
@@ -41,7 +52,13 @@ return 0"""
 _RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
 
-def _job(rec: JobRecord, remaining: float | None = None) -> Job:
+def throughput_key(spec: JobSpec) -> str:
+    """Runs whose steps take the same time: the same network, scaling and device kind."""
+    s = spec.scaling
+    return f"{spec.model.preset}:{s.workers}x{s.devices}:{spec.train.batch_size}"
+
+
+def _job(rec: JobRecord, remaining: float | None = None, est: float | None = None) -> Job:
     """The record as the policy sees it."""
     spec = rec.spec
     return Job(
@@ -51,6 +68,7 @@ def _job(rec: JobRecord, remaining: float | None = None) -> Job:
         team=rec.team,
         preemptible=spec.scheduling.preemptible,
         started=rec.started or None,
+        est_seconds=est,
         remaining_seconds=remaining,
         borrowed=rec.borrowed,
         stopping=bool(rec.yield_requested or rec.cancel_requested),
@@ -79,6 +97,7 @@ class Dispatcher:
         quotas: dict[str, Quota] | None = None,
         usage_half_life_s: float = 6 * 3600.0,
         min_run_s: float = 600.0,
+        endpoint_url: str | None = None,
     ) -> None:
         self.store = store
         self.launcher = launcher
@@ -92,6 +111,8 @@ class Dispatcher:
         self.quotas = dict(quotas or {})
         self.usage_half_life_s = usage_half_life_s
         self.policy_config = PolicyConfig(min_run_seconds=min_run_s)
+        self.endpoint_url = endpoint_url  # S3, for the manifests that give a queued job's step count
+        self._samples: dict[str, int | None] = {}  # manifest URL -> its samples (read once)
         self.token = uuid.uuid4().hex
         self.launches = 0  # Ray Job submissions made by this instance
         self._stopped: dict[str, float] = {}  # submission id -> when this instance last asked Ray to stop it
@@ -169,6 +190,7 @@ class Dispatcher:
                 q.preempted(rec, lock_token=token, why="preempted: checkpointed and gave its room up")
             else:
                 q.transition(rec, JobState.SUCCEEDED, message="finished", lock_token=token)
+                self._record_throughput(q.get(rec.id))
         elif st.state == "STOPPED":
             if asked:
                 why = f"preempted: stopped after not yielding within {self.yield_timeout_s:g} s"
@@ -243,6 +265,39 @@ class Dispatcher:
                 usage = add_usage(usage, rec.team, used)
         return usage
 
+    def _record_throughput(self, rec: JobRecord) -> None:
+        """A finished run's seconds per step, for the ETAs of later runs like it (a running mean of 4)."""
+        result = rec.result or {}
+        steps, seconds = result.get("steps"), result.get("train_seconds")
+        if not steps or not seconds:
+            return
+        key, client = throughput_key(rec.spec), self.store.client
+        old = client.hget(self.store.keys.throughput, key)
+        pace = seconds / steps if old is None else 0.75 * float(old) + 0.25 * seconds / steps
+        client.hset(self.store.keys.throughput, key, repr(pace))
+
+    def _steps(self, spec: JobSpec) -> int | None:
+        """A run's training steps: epochs x steps an epoch (its manifest's samples / the global batch)."""
+        url = spec.data.train
+        if url not in self._samples:
+            try:
+                self._samples[url] = load_manifest(url, endpoint_url=self.endpoint_url).num_samples
+            except AlexNetDistError:
+                self._samples[url] = None  # no estimate for it; asked again by the next dispatcher only
+        samples = self._samples[url]
+        if not samples:
+            return None
+        per_epoch = samples // spec.train.batch_size
+        if spec.train.max_steps_per_epoch:
+            per_epoch = min(per_epoch, spec.train.max_steps_per_epoch)
+        return per_epoch * spec.train.epochs
+
+    def _estimate(self, rec: JobRecord, paces: dict[str, str]) -> float | None:
+        """How long a queued job will train: its steps at the pace earlier runs like it measured."""
+        spec = rec.spec
+        pace = paces.get(throughput_key(spec))
+        return estimate_seconds(self._steps(spec), float(pace)) if pace else None
+
     def _remaining(self, rec: JobRecord, now: float) -> float | None:
         """A running job's time left, from its last step event: the steps left at its measured pace."""
         entries = self.store.client.xrevrange(self.store.keys.events(rec.id), count=20)
@@ -265,7 +320,8 @@ class Dispatcher:
         records = self.store.queued(limit=self.scan)
         usage = self._usage(active, now)
         running = [_job(r, self._remaining(r, now)) for r in active]
-        waiting = {r.id: _job(r) for r in records}  # in queue order
+        paces = self.store.client.hgetall(self.store.keys.throughput)
+        waiting = {r.id: _job(r, est=self._estimate(r, paces)) for r in records}  # in queue order
         by_id = {r.id: r for r in records}
         context = dict(now=now, quotas=self.quotas, usage=usage, config=self.policy_config)
         launched = 0

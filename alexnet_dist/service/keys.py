@@ -17,6 +17,7 @@ and a reader of the code sees the whole data model at once:
 | ``results``             | channel     | final results of every job (JSON)                               |
 | ``dispatcher:lock``     | string      | token of the one active dispatcher, with a TTL                  |
 | ``usage``               | hash        | team -> decayed device-seconds; ``.at``: when last decayed      |
+| ``throughput``          | hash        | preset:workers:devices -> measured seconds per training step    |
 | ``pending``             | hash        | queued job -> why it waits, its position, its ETA (JSON)        |
 | ``changes``             | stream      | every job's state changes and results (what webhooks follow)    |
 | ``notify:cursor``       | string      | the newest ``changes`` entry every webhook has finished with    |
@@ -89,3 +90,7 @@ class Keys:
     @property
     def pending(self) -> str:
         return f"{self.prefix}pending"
+
+    @property
+    def throughput(self) -> str:
+        return f"{self.prefix}throughput"

@@ -315,3 +315,42 @@ if __name__ == "__main__":
         _serve(sys.argv[2], sys.argv[3] == "crash")
     elif sys.argv[1] == "entry":
         _run_entry(sys.argv[2], int(sys.argv[3]))
+
+
+def test_a_finished_runs_pace_gives_later_runs_like_it_an_eta(redis_url: str, tmp_path: Path) -> None:
+    """A SUCCEEDED run records its seconds per step; a queued run of the same preset, scaling and batch
+    gets an estimate from it (its manifest's steps at that pace), so its ETA spans start to finish."""
+    from alexnet_dist.data.manifest import Manifest, ShardInfo, save_manifest
+    from alexnet_dist.events import encode_event
+
+    shard = ShardInfo("s.tar", 640, 1, "x")
+    stats = dict(mean=(0.0,) * 3, std=(1.0,) * 3, eigval=(1.0,) * 3, eigvec=((1.0, 0.0, 0.0),) * 3)
+    classes = tuple(map(str, range(1000)))
+    manifest = Manifest(url=str(tmp_path / "m.json"), split="train", shards=(shard,), names=(),
+                        classes=classes, image_size=256, num_samples=640, **stats)  # fmt: skip
+    save_manifest(manifest, manifest.url)
+    data = {"train": manifest.url, "val": manifest.url}
+    queue = JobStore(connect(redis_url), prefix="pace:")
+    cluster = RedisCluster(redis_url, cpus=1.0, outcome="RUNNING")
+    d = Dispatcher(queue, cluster)
+    assert d.acquire()
+    done, _ = queue.submit(make_spec("done", data=data, train={"batch_size": 32, "epochs": 2}))
+    assert d.launch_ready() == 1
+    queue.store_result(done.id, {"steps": 40, "train_seconds": 80.0})  # 2 s a step
+    cluster.r.hset("cluster:status", f"{done.id}-1", "SUCCEEDED")
+    d.follow()
+    assert queue.get(done.id).state is JobState.SUCCEEDED
+    assert float(queue.client.hget(queue.keys.throughput, "paper:1xcpu:32")) == 2.0
+
+    running, _ = queue.submit(make_spec("running", data=data, train={"batch_size": 32, "epochs": 1}))
+    assert d.launch_ready() == 1  # holds the one CPU; 10 of its 20 steps left at 1 s a step
+    step = {"type": "step", "epoch": 1, "epochs": 1, "step": 10, "steps_per_epoch": 20}
+    step["images_per_s"] = 32.0
+    queue.client.xadd(queue.keys.events(running.id), {"data": encode_event(step)})
+    waiting, _ = queue.submit(make_spec("waiting", data=data, train={"batch_size": 32, "epochs": 2}))
+    t0 = time.time()
+    assert d.launch_ready() == 0
+    eta = queue.pending()[waiting.id]
+    assert eta["position"] == 1 and "waits for 1 running job to end, in about 10 s" in eta["reason"]
+    assert 8.0 < eta["eta_start"] - t0 < 11.0  # when the running job's 10 steps are done
+    assert eta["eta_finish"] - eta["eta_start"] == pytest.approx(80.0)  # 40 steps at the measured 2 s
