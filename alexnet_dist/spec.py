@@ -109,8 +109,9 @@ class CheckpointSpec(_Frozen):
     storage: str | None = None  # file://, a local path or s3://bucket/prefix; None: the service default
     every_steps: int = Field(0, ge=0)  # also checkpoint every N steps inside an epoch; 0 = epoch ends only
     # Also checkpoint when this many minutes passed since the last one (checked every log_every_steps steps,
-    # agreed by all ranks); 0 = off. A time cadence keeps the cost of checkpoints bounded on fast GPUs.
-    every_minutes: float = Field(0.0, ge=0.0)
+    # agreed by all ranks); 0 = off. A time cadence bounds both the work a crash or a stop loses and the cost
+    # of checkpoints on fast GPUs.
+    every_minutes: float = Field(30.0, ge=0.0)
     # Mid-run checkpoints upload in the background (Ray Train's ASYNC mode) while training goes on; the
     # final one always uploads before the run ends. False: every rank waits for each upload.
     async_upload: bool = True

@@ -119,12 +119,14 @@ def checkpoint_due(w: Worker) -> bool:
     minutes = spec.checkpoint.every_minutes
     if not minutes or p.step % spec.train.log_every_steps:
         return False
-    due = torch.tensor([time.monotonic() - w.last_checkpoint >= minutes * 60], dtype=torch.int32)
+    due = time.monotonic() - w.last_checkpoint >= minutes * 60
     if w.world > 1:  # rank clocks differ: checkpoint when any rank's is due, all at this same step
         import torch.distributed as dist
 
-        dist.all_reduce(due, op=dist.ReduceOp.MAX)
-    return bool(due.item())
+        flag = torch.tensor([int(due)], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        due = bool(flag.numpy()[0])  # a host tensor: no device to wait for
+    return due
 
 
 def yield_requested(w: Worker) -> bool:
@@ -137,5 +139,5 @@ def yield_requested(w: Worker) -> bool:
 
         flag = torch.tensor([int(asked)], dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        asked = bool(flag.item())
+        asked = bool(flag.numpy()[0])
     return asked
