@@ -123,7 +123,22 @@ def run_local(
     resume: bool = True,
     fault: dict[str, Any] | None = None,
 ) -> TrainResult:
-    """Train ``spec`` in this process (or as one torchrun process) and return the result on rank 0."""
+    """Train ``spec`` in this process (or as one torchrun process) and return the result."""
+    return _run_local(spec, run_name=run_name, settings=settings, events=events, yield_signal=yield_signal,
+                      resume=resume, fault=fault)[0]  # fmt: skip
+
+
+def _run_local(
+    spec: JobSpec,
+    *,
+    run_name: str,
+    settings: Settings,
+    events: EventTarget | None,
+    yield_signal: YieldSignal | None,
+    resume: bool,
+    fault: dict[str, Any] | None,
+) -> tuple[TrainResult, int]:
+    """:func:`run_local`, and this process's rank (0 unless torchrun started it)."""
     config, store = worker_config(
         spec, run_name=run_name, settings=settings, events=events, yield_signal=yield_signal, fault=fault
     )
@@ -156,9 +171,10 @@ def run_local(
         if joined:
             dist.destroy_process_group()
     latest = session.latest_checkpoint()
-    return result_from_metrics(
+    result = result_from_metrics(
         session.last_metrics, time.perf_counter() - t0, f"file://{latest.path}" if latest else None
     )
+    return result, session.rank
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,11 +191,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         spec = load_spec(args.spec, args.overrides)
-        result = run_local(spec, run_name=args.run_name or spec.name, settings=load_settings())
+        result, rank = _run_local(spec, run_name=args.run_name or spec.name, settings=load_settings(),
+                                  events=None, yield_signal=None, resume=True, fault=None)  # fmt: skip
     except AlexNetDistError as err:
         print(f"alexnet-dist: error: {err}", file=sys.stderr)
         return err.exit_code
-    print(json.dumps(result.to_dict()))
+    if rank == 0:  # one result line for the whole torchrun job, not one a process
+        print(json.dumps(result.to_dict()))
     return 0
 
 

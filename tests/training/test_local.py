@@ -67,7 +67,8 @@ def test_torchrun_workers_reach_the_weights_of_ray_train_workers(smoke_data, tmp
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
-    local = json.loads(lines[-1])
+    assert len(lines) == 1  # one result for the torchrun job, from rank 0
+    local = json.loads(lines[0])
     assert local["steps"] == on_ray.steps == 8  # 256 images, batch 32
     assert same_weights(local["model_url"], on_ray.model_url)
     assert local["top1_error"] == on_ray.top1_error
