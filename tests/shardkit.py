@@ -47,3 +47,13 @@ def rewrite_shard(manifest: Manifest, index: int, mutate) -> Manifest:
     m = replace(manifest, shards=tuple(shards), num_samples=sum(s.count for s in shards))
     save_manifest(m, m.url)
     return m
+
+
+def write_manifest(path: Path, classes: int) -> str:
+    """A manifest of ``classes`` classes and no shards, for tests that check specs against manifests."""
+    m = Manifest(url=str(path), split="train", shards=(), classes=tuple(str(i) for i in range(classes)),
+                 names=tuple(f"c{i}" for i in range(classes)), image_size=32, mean=(1.0, 1.0, 1.0),
+                 std=(1.0, 1.0, 1.0), eigval=(3.0, 2.0, 1.0), eigvec=((1.0, 0.0, 0.0), (0.0, 1.0, 0.0),
+                 (0.0, 0.0, 1.0)), num_samples=0)  # fmt: skip
+    save_manifest(m, str(path))
+    return str(path)

@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 
 import pytest
+from shardkit import write_manifest
 
-from alexnet_dist.data.manifest import Manifest, save_manifest
 from alexnet_dist.errors import ConfigError, JobNotFoundError, QueueError
 from alexnet_dist.service.connection import connect
 from alexnet_dist.service.events import job_publisher
@@ -18,15 +18,6 @@ from alexnet_dist.service.store import JobState, JobStore
 from alexnet_dist.spec import JobSpec, parse_spec
 
 PREFIX = "t:"
-
-
-def _manifest(path: Path, classes: int) -> str:
-    m = Manifest(url=str(path), split="train", shards=(), classes=tuple(str(i) for i in range(classes)),
-                 names=tuple(f"c{i}" for i in range(classes)), image_size=32, mean=(1.0, 1.0, 1.0),
-                 std=(1.0, 1.0, 1.0), eigval=(3.0, 2.0, 1.0), eigvec=((1.0, 0.0, 0.0), (0.0, 1.0, 0.0),
-                 (0.0, 0.0, 1.0)), num_samples=0)  # fmt: skip
-    save_manifest(m, str(path))
-    return str(path)
 
 
 def _spec(train: str, val: str, classes: int = 10, name: str = "op") -> JobSpec:
@@ -40,7 +31,7 @@ def service(redis_url: str) -> JobService:
 
 @pytest.fixture
 def spec(tmp_path: Path) -> JobSpec:
-    return _spec(_manifest(tmp_path / "t.json", 10), _manifest(tmp_path / "v.json", 10))
+    return _spec(write_manifest(tmp_path / "t.json", 10), write_manifest(tmp_path / "v.json", 10))
 
 
 def test_submit_checks_the_manifests_and_queues_nothing_when_they_are_wrong(

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import free_port, start_redis
+from shardkit import write_manifest
 
 from alexnet_dist.errors import ConfigError, JobNotFoundError, QueueError
 from alexnet_dist.service.connection import connect, redact
@@ -216,24 +217,13 @@ def test_redis_killed_and_restarted_with_aof_mid_queue_loses_nothing(tmp_path: P
         server.stop()
 
 
-def _write_manifest(path: Path, classes: int) -> str:
-    from alexnet_dist.data.manifest import Manifest, save_manifest
-
-    m = Manifest(url=str(path), split="train", shards=(), classes=tuple(str(i) for i in range(classes)),
-                 names=tuple(f"c{i}" for i in range(classes)), image_size=32, mean=(1.0, 1.0, 1.0),
-                 std=(1.0, 1.0, 1.0), eigval=(3.0, 2.0, 1.0), eigvec=((1.0, 0.0, 0.0), (0.0, 1.0, 0.0),
-                 (0.0, 0.0, 1.0)), num_samples=0)  # fmt: skip
-    save_manifest(m, str(path))
-    return str(path)
-
-
 @pytest.mark.slow
 def test_cli_submit_checks_manifests_and_is_idempotent(redis_url: str, tmp_path: Path) -> None:
     import os
     import subprocess
     import sys
 
-    train, val = _write_manifest(tmp_path / "t.json", 10), _write_manifest(tmp_path / "v.json", 10)
+    train, val = write_manifest(tmp_path / "t.json", 10), write_manifest(tmp_path / "v.json", 10)
     spec = tmp_path / "job.toml"
     spec.write_text(f'name = "fm"\n[data]\ntrain = "{train}"\nval = "{val}"\n[model]\nnum_classes = 10\n')
     env = {**os.environ, "ALEXNET_DIST_REDIS_URL": redis_url, "ALEXNET_DIST_REDIS_PREFIX": "t:"}
