@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-DEB_PACKAGES := redis-server dataset-fashion-mnist gcc libc6-dev libjpeg-dev
+DEB_PACKAGES := redis-server dataset-fashion-mnist gcc libc6-dev libjpeg-dev chromium chromium-driver
 
 # demo knobs: `make demo EPOCHS=8`, `make demo SEED=1` (the job's seed), `make demo S3=1` (a local S3 server
 # instead of local folders)
@@ -19,9 +19,10 @@ KERNELS := alexnet_dist/kernels/lib/BUILD.json
 
 setup: system-packages $(VENV)/.installed $(KERNELS)
 
-# Debian packages the project needs: a Redis server, the real Fashion-MNIST data set, and a C compiler
-# and libjpeg's headers for the CPU kernels (alexnet_dist/kernels/csrc, built once by setup; without
-# them the model and loader fall back to torch ops, slower, same numbers).
+# Debian packages the project needs: a Redis server, the real Fashion-MNIST data set, a headless browser
+# for the dashboard's tests (chromium, chromium-driver), and a C compiler and libjpeg's headers for the
+# CPU kernels (alexnet_dist/kernels/csrc, built once by setup; without them the model and loader fall
+# back to torch ops, slower, same numbers).
 system-packages:
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
@@ -29,6 +30,8 @@ system-packages:
 	$(PYTHON) -c 'import ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
 	command -v cc >/dev/null || missing="$$missing gcc libc6-dev"; \
 	[ -e /usr/include/jpeglib.h ] || missing="$$missing libjpeg-dev"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v chromedriver >/dev/null || missing="$$missing chromium-driver"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \

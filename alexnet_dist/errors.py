@@ -43,6 +43,18 @@ class JobNotFoundError(QueueError):
     """No job with that id."""
 
 
+class UnreachableError(QueueError):
+    """A server the command needs (Redis, the API server) did not answer."""
+
+
+class AuthError(AlexNetDistError):
+    """No credential, a wrong one or a revoked one (HTTP 401)."""
+
+
+class PermissionDeniedError(AuthError):
+    """The credential is good but does not allow this operation (HTTP 403)."""
+
+
 class ClusterError(AlexNetDistError):
     """The Ray cluster is unreachable or refused a job."""
 

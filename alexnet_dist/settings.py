@@ -6,6 +6,7 @@ Values flow down from here as arguments; nothing below the CLI looks at the envi
 from __future__ import annotations
 
 import getpass
+import json
 import os
 from dataclasses import dataclass, field
 
@@ -35,6 +36,12 @@ class Settings:
     webhooks: tuple[str, ...] = ()
     webhook_secret: str = ""
     webhook_slack: bool = False
+    # The HTTP API (ALEXNET_DIST_SERVER, e.g. https://alexnet.example.org): when set, the CLI's user
+    # commands go through it with ALEXNET_DIST_TOKEN, or the token `alexnet-dist login` stored in
+    # credentials_path (mode 0600); operator commands (dispatcher, server, admin) still use Redis.
+    server_url: str | None = None
+    token: str | None = None
+    credentials_path: str = ""  # $XDG_CONFIG_HOME/alexnet-dist/credentials.json (~/.config by default)
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -74,8 +81,28 @@ def _number(env: dict[str, str], name: str, default: float) -> float:
         raise ConfigError(f"{name}={env[name]!r}: not a number") from None
 
 
+def credentials_file(env: dict[str, str]) -> str:
+    base = env.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return os.path.join(base, "alexnet-dist", "credentials.json")
+
+
+def stored_token(path: str, server: str | None) -> str | None:
+    """The token `alexnet-dist login` stored for ``server``, if any."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(saved, dict) or server is None:
+        return None
+    token = saved.get(server.rstrip("/"))
+    return token if isinstance(token, str) and token else None
+
+
 def load_settings(environ: dict[str, str] | None = None) -> Settings:
     env = dict(os.environ if environ is None else environ)
+    server = (env.get("ALEXNET_DIST_SERVER") or "").rstrip("/") or None
+    credentials = credentials_file(env)
     return Settings(
         redis_url=env.get("ALEXNET_DIST_REDIS_URL", Settings.redis_url),
         redis_prefix=env.get("ALEXNET_DIST_REDIS_PREFIX", Settings.redis_prefix),
@@ -93,6 +120,9 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         webhooks=tuple(u.strip() for u in env.get("ALEXNET_DIST_WEBHOOKS", "").split(",") if u.strip()),
         webhook_secret=env.get("ALEXNET_DIST_WEBHOOK_SECRET", ""),
         webhook_slack=env.get("ALEXNET_DIST_WEBHOOK_SLACK", "") in ("1", "true", "yes"),
+        server_url=server,
+        token=env.get("ALEXNET_DIST_TOKEN") or stored_token(credentials, server),
+        credentials_path=credentials,
     )
 
 

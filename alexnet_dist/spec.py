@@ -26,6 +26,7 @@ __all__ = [
     "apply_overrides",
     "load_spec",
     "parse_spec",
+    "parse_spec_text",
 ]
 
 
@@ -232,6 +233,34 @@ def absolute_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     return out
 
 
+def parse_spec_text(
+    text: str,
+    *,
+    json_format: bool = False,
+    source: str = "<spec>",
+    overrides: list[str] | None = None,
+    base: Path | None = None,
+) -> JobSpec:
+    """A spec from its text, TOML (or JSON); every error names ``source`` and the field. Relative local
+    paths are taken from ``base``, and kept as they are without one."""
+    if json_format:
+        try:
+            data = json.loads(text)
+        except ValueError as err:
+            raise ConfigError(f"{source}: not valid JSON ({err})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: a spec is a JSON object, not {type(data).__name__}")
+    else:
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{source}: not valid TOML ({err})") from None
+    data = apply_overrides(data, overrides or [])
+    if base is not None:
+        data = absolute_paths(data, base)
+    return parse_spec(data, source=source)
+
+
 def load_spec(path: str | Path, overrides: list[str] | None = None, *, base: Path | None = None) -> JobSpec:
     """Read a job spec (TOML; JSON when the file ends in ``.json``); every error names the file and the field.
 
@@ -240,20 +269,13 @@ def load_spec(path: str | Path, overrides: list[str] | None = None, *, base: Pat
     """
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{p}: no such spec file; see jobs/ for examples") from None
-    if p.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except ValueError as err:
-            raise ConfigError(f"{p}: not valid JSON ({err})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: a spec is a JSON object, not {type(data).__name__}")
-    else:
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"{p}: not valid TOML ({err})") from None
-    data = absolute_paths(apply_overrides(data, overrides or []), base or Path.cwd())
-    return parse_spec(data, source=str(p))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not a text file (not UTF-8); a spec is TOML or JSON text") from None
+    except OSError as err:
+        raise ConfigError(f"{p}: cannot read it ({err.strerror})") from None
+    return parse_spec_text(
+        text, json_format=p.suffix == ".json", source=str(p), overrides=overrides, base=base or Path.cwd()
+    )

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
-from alexnet_dist.errors import QueueError
+from alexnet_dist.errors import QueueError, UnreachableError
 
 __all__ = ["connect", "redact", "unreachable"]
 
@@ -27,8 +27,8 @@ def redact(url: str) -> str:
     return urlunsplit((parts.scheme, user + host, parts.path, parts.query, parts.fragment))
 
 
-def unreachable(url: str, err: Exception) -> QueueError:
-    return QueueError(
+def unreachable(url: str, err: Exception) -> UnreachableError:
+    return UnreachableError(
         f"{redact(url)}: Redis unreachable ({type(err).__name__}: {err}); "
         "check ALEXNET_DIST_REDIS_URL and that redis-server is running"
     )

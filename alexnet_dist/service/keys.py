@@ -22,6 +22,8 @@ and a reader of the code sees the whole data model at once:
 | ``changes``             | stream      | every job's state changes and results (what webhooks follow)    |
 | ``notify:cursor``       | string      | the newest ``changes`` entry every webhook has finished with    |
 | ``notify:lock``         | string      | token of the one active webhook follower, with a TTL            |
+| ``users``               | hash        | user name -> record (team, admin, token's SHA-256, revoked)      |
+| ``tokens``              | hash        | SHA-256 of a live token -> user name (never the token itself)    |
 """
 
 from __future__ import annotations
@@ -94,3 +96,11 @@ class Keys:
     @property
     def throughput(self) -> str:
         return f"{self.prefix}throughput"
+
+    @property
+    def users(self) -> str:
+        return f"{self.prefix}users"
+
+    @property
+    def tokens(self) -> str:
+        return f"{self.prefix}tokens"

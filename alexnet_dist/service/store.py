@@ -18,7 +18,7 @@ from typing import Any
 
 import redis
 
-from alexnet_dist.errors import ConfigError, JobNotFoundError, QueueError
+from alexnet_dist.errors import ConfigError, JobNotFoundError, QueueError, UnreachableError
 from alexnet_dist.events import STREAM_MAXLEN, encode_event
 from alexnet_dist.service.keys import Keys
 from alexnet_dist.spec import JobSpec
@@ -373,7 +373,7 @@ class JobStore:
             pipe.xadd(self.keys.changes, change, maxlen=STREAM_MAXLEN, approximate=True)
             pipe.execute()
         except (redis.ConnectionError, redis.TimeoutError) as err:
-            raise QueueError(f"job {job_id}: result not stored, Redis unreachable ({err})") from None
+            raise UnreachableError(f"job {job_id}: result not stored, Redis unreachable ({err})") from None
 
     # -- reading ---------------------------------------------------------------------------------------
 
@@ -424,6 +424,6 @@ class JobStore:
         try:
             return fn(*args, **kwargs)
         except (redis.ConnectionError, redis.TimeoutError) as err:
-            raise QueueError(
+            raise UnreachableError(
                 f"Redis unreachable ({err}); check ALEXNET_DIST_REDIS_URL and that redis-server is running"
             ) from None
