@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["apiserver"]  # the API server fixtures (tests/apiserver.py)
+
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 

@@ -39,6 +39,11 @@ def _store(settings: Settings) -> JobStore:
 
 
 def _service(settings: Settings) -> JobService:
+    """The job operations: through the HTTP API when ALEXNET_DIST_SERVER is set, else on Redis."""
+    if settings.server_url:
+        from alexnet_dist.api.client import ApiClient
+
+        return ApiClient(settings.server_url, settings.token)  # type: ignore[return-value]  (same methods)
     return JobService(
         _store(settings),
         endpoint_url=settings.s3_endpoint_url,

@@ -103,3 +103,61 @@ def server(
         log_level="info",
         access_log=False,
     )
+
+
+@app.command()
+def login(
+    server_url: str | None = typer.Option(
+        None, "--server", help="the API server (default: ALEXNET_DIST_SERVER)"
+    ),
+    token_stdin: bool = typer.Option(False, "--token-stdin", help="read the token from stdin, not a prompt"),
+) -> None:
+    """Check a token against the server and keep it (mode 0600) for the CLI's later commands."""
+    from alexnet_dist.api.client import ApiClient
+
+    settings = load_settings()
+    url = (server_url or settings.server_url or "").rstrip("/")
+    if not url:
+        raise ConfigError("login: which server? pass --server URL or set ALEXNET_DIST_SERVER")
+    token = sys.stdin.readline().strip() if token_stdin else typer.prompt("token", hide_input=True).strip()
+    me = ApiClient(url, token).whoami()  # a wrong token fails here, and nothing is stored
+    _save_token(settings.credentials_path, url, token)
+    role = "admin" if me.get("admin") else "user"
+    out.print(f"logged in to {url} as {me['name']} ({role}, team {me['team']}); token in "
+              f"{settings.credentials_path}")  # fmt: skip
+    if not settings.server_url:
+        out.print(f"set ALEXNET_DIST_SERVER={url} to send your commands through it")
+
+
+@app.command()
+def logout(
+    server_url: str | None = typer.Option(None, "--server", help="default: ALEXNET_DIST_SERVER"),
+) -> None:
+    """Forget the token kept for a server."""
+    settings = load_settings()
+    url = (server_url or settings.server_url or "").rstrip("/")
+    _save_token(settings.credentials_path, url, None)
+    out.print(f"logged out of {url or 'every server'}")
+
+
+def _save_token(path: str, url: str, token: str | None) -> None:
+    """Keep (or drop) ``url``'s token in the credentials file, readable by its owner only, replaced whole."""
+    import json
+    import os
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        saved = saved if isinstance(saved, dict) else {}
+    except (OSError, ValueError):
+        saved = {}
+    if token is None:
+        saved = {k: v for k, v in saved.items() if url and k != url}
+    else:
+        saved[url] = token
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(saved, f)
+    os.replace(tmp, path)

@@ -8,6 +8,7 @@ lock token, checked in the same script (fencing): a dispatcher that lost the loc
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
@@ -135,6 +136,14 @@ class JobRecord:
             out["spec"] = json.loads(spec_json)
         out["submission_id"] = self.submission_id
         return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> JobRecord:
+        """The inverse of :meth:`to_dict` (with the spec): a record that came back as JSON (the API's)."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"spec_json", "state"}
+        kept = {k: v for k, v in d.items() if k in names}
+        spec_json = JobSpec.model_validate(d["spec"]).to_json()  # the store's own form of it
+        return cls(**kept, state=JobState(d["state"]), spec_json=spec_json)
 
     @classmethod
     def from_hash(cls, h: dict[str, str]) -> JobRecord:

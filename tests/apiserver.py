@@ -1,4 +1,5 @@
-"""A real `alexnet-dist server` (uvicorn, over HTTP) on the session's redis-server, and its users."""
+"""A real `alexnet-dist server` (uvicorn, over HTTP) on the session's redis-server, and its users: the
+`api_server` and `api` fixtures (a pytest plugin of the root conftest) and `start_api_server`."""
 
 from __future__ import annotations
 
@@ -45,11 +46,15 @@ class ApiServer:
         return {**env, **extra}
 
 
-def start_api_server(redis_url: str, log: Path, **env: str) -> tuple[subprocess.Popen, ApiServer]:
+def start_api_server(
+    redis_url: str, log: Path, *, args: tuple[str, ...] = (), **env: str
+) -> tuple[subprocess.Popen, ApiServer]:
     port = free_port()
     proc = subprocess.Popen(
-        [str(BIN / "alexnet-dist"), "server", "--port", str(port)],
-        env={**os.environ, "ALEXNET_DIST_REDIS_URL": redis_url, **env},
+        [str(BIN / "alexnet-dist"), "server", "--port", str(port), *args],
+        # no Ray cluster unless a test gives one: a dashboard port nothing listens on
+        env={**os.environ, "ALEXNET_DIST_REDIS_URL": redis_url,
+             "ALEXNET_DIST_RAY_DASHBOARD": f"http://127.0.0.1:{free_port()}", **env},  # fmt: skip
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
     )
