@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from alexnet_dist.api.auth import CSRF_HEADER, Caller, caller, check_csrf
@@ -168,8 +169,14 @@ def create_app(
             raise ConfigError("spec: not UTF-8 text; send the spec as TOML or JSON") from None
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         spec = parse_spec_text(text, json_format=kind.endswith("json"), source="spec")
-        rec, created = service.submit(
-            spec, priority=priority, client_key=client_key, user=me.user.name, team=me.user.team
+        # the manifests' check reads storage and the store's script waits on Redis: off the event loop
+        rec, created = await run_in_threadpool(
+            service.submit,
+            spec,
+            priority=priority,
+            client_key=client_key,
+            user=me.user.name,
+            team=me.user.team,
         )
         return JSONResponse({**_view(rec, None), "created": created}, status_code=201 if created else 200)
 

@@ -43,11 +43,13 @@ _MAX_PRIORITY = 2**52  # scores are doubles: beyond this, priorities would round
 
 # KEYS: job, queue, index, seq, client, events, live, changes
 # ARGV: job id, use client key ('1'/'0'), queue score, stream maxlen, event JSON, then field/value pairs
+# Returns {1, id} when queued, {0, existing id} for a known client key, {-1, ''} if the id is taken.
 _SUBMIT = """
 if ARGV[2] == '1' then
   local existing = redis.call('GET', KEYS[5])
   if existing then return {0, existing} end
 end
+if redis.call('EXISTS', KEYS[1]) == 1 then return {-1, ''} end
 local seq = redis.call('INCR', KEYS[4])
 local member = string.format('%016d:%s', seq, ARGV[1])
 redis.call('HSET', KEYS[1], 'seq', seq, 'queue_member', member, unpack(ARGV, 6))
@@ -206,7 +208,19 @@ class JobStore:
             raise ConfigError(f"priority={prio}: out of range; use a value within +-{_MAX_PRIORITY}")
         if client_key is not None and not client_key.strip():
             raise ConfigError("client key: empty; pass a non-empty key or none")
-        jid = job_id or new_job_id(spec.name)
+        for _ in range(8):  # a random id may collide with an older job's (one in 2^32 per name)
+            created, got = self._submit_once(
+                spec, prio, client_key, job_id or new_job_id(spec.name), user, team
+            )
+            if created != -1:
+                return self.get(got), bool(created)
+            if job_id is not None:
+                raise ConfigError(f"job {job_id}: the id is taken; submit without an id or choose another")
+        raise QueueError(f"job {spec.name}: no free id after 8 tries; try again")
+
+    def _submit_once(
+        self, spec: JobSpec, prio: int, client_key: str | None, jid: str, user: str, team: str
+    ) -> tuple[int, str]:
         now = time.time()
         fields = {
             "id": jid,
@@ -229,8 +243,7 @@ class JobStore:
         keys = [k.job(jid), k.queue, k.index, k.seq, k.client(client_key or ""), k.events(jid), k.live(jid),
                 k.changes]  # fmt: skip
         args = [jid, "1" if client_key else "0", -prio, STREAM_MAXLEN, event, *_pairs(fields)]
-        created, got = self._run(self._submit, keys, args)
-        return self.get(got), bool(created)
+        return self._run(self._submit, keys, args)
 
     def transition(
         self,

@@ -246,3 +246,21 @@ def test_cli_submit_checks_manifests_and_is_idempotent(redis_url: str, tmp_path:
     assert bad_field.returncode == 2 and "train.epochs" in bad_field.stderr
     listed = json.loads(cli("list", "--json").stdout)
     assert [j["id"] for j in listed] == [a["id"]]  # nothing else was queued
+
+
+def test_a_taken_job_id_never_overwrites_the_job_that_holds_it(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = JobStore(connect(redis_url))
+    first, created = store.submit(make_spec(), job_id="tiny-deadbeef", user="alice", team="vision")
+    assert created
+    with pytest.raises(ConfigError, match="^job tiny-deadbeef: the id is taken"):
+        store.submit(make_spec(), job_id="tiny-deadbeef", user="bob", team="speech")
+    # A random id that collides is drawn again: the older job keeps its owner and its one queue entry.
+    ids = iter(["tiny-deadbeef", "tiny-0badcafe"])
+    monkeypatch.setattr("alexnet_dist.service.store.new_job_id", lambda name: next(ids))
+    second, created = store.submit(make_spec(), user="bob", team="speech")
+    assert created and second.id == "tiny-0badcafe" and second.user == "bob"
+    assert store.get("tiny-deadbeef") == first and first.user == "alice"
+    assert [r.id for r in store.queued()] == ["tiny-deadbeef", "tiny-0badcafe"]
+    assert len(store.list()) == 2
