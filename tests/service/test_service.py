@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from apiserver import start_api_server
 from conftest import RayHead
 
 from alexnet_dist.data.build.writer import BuildOptions, build
@@ -29,6 +30,7 @@ from alexnet_dist.service.connection import connect
 from alexnet_dist.service.events import read_events, subscribe_results
 from alexnet_dist.service.launcher import RayJobsLauncher
 from alexnet_dist.service.store import JobState, JobStore
+from alexnet_dist.service.users import UserStore
 from alexnet_dist.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -174,8 +176,12 @@ def test_smoke_spec_without_its_shards_is_refused_and_nothing_queued(redis_url: 
     missing = tmp_path / "none.json"
     run = subprocess.run(
         [str(CLI), "submit", str(SMOKE), "--set", f"data.train={missing}", "--json"],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.returncode != 0 and run.stdout == ""
     (line,) = run.stderr.strip().splitlines()[-1:]
     assert line.startswith(f"alexnet-dist: error: data.train: {missing}") and "Traceback" not in run.stderr
@@ -246,6 +252,55 @@ def test_submit_dispatch_watch_result_and_results_channel(service: Service, shar
 
 
 @pytest.mark.slow
+def test_a_user_of_the_api_server_trains_watches_and_reads_logs_without_redis(
+    service: Service, shards: dict[str, str], tmp_path: Path
+) -> None:
+    """The same job through `alexnet-dist server`: the user's CLI has a token and no Redis URL."""
+    env = {
+        k: v
+        for k, v in service.env.items()
+        if k in ("ALEXNET_DIST_REDIS_PREFIX", "ALEXNET_DIST_RAY_DASHBOARD")
+    }
+    proc, api = start_api_server(service.env["ALEXNET_DIST_REDIS_URL"], tmp_path / "api.log", **env)
+    try:
+        store = service.queue
+        _, token = UserStore(store.client, store.keys).add("erin", team="vision")
+        user_env = {**api.env(token), "ALEXNET_DIST_REDIS_PREFIX": "nowhere:"}  # nothing of Redis
+
+        def cli(*args: str) -> subprocess.CompletedProcess:
+            return subprocess.run(
+                [str(CLI), *args],
+                env=user_env,
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=FIT_TIMEOUT_S,
+            )
+
+        sets = ["--set", f"data.train={shards['train']}", "--set", f"data.val={shards['test']}"]
+        submitted = cli("submit", str(SMOKE), *sets, "--json")
+        assert submitted.returncode == 0, submitted.stderr
+        job_id = json.loads(submitted.stdout)["id"]
+        watched = cli("watch", job_id, "--json")
+        assert watched.returncode == 0, f"{watched.stderr}\n{service.diagnose(job_id)}"
+        events = _json_lines(watched.stdout)
+        assert _states(events) == ["QUEUED", "LAUNCHING", "RUNNING", "SUCCEEDED"], service.diagnose(job_id)
+        assert [e["epoch"] for e in events if e["type"] == "epoch"] == [1, 2]
+        res = json.loads(cli("result", job_id, "--json").stdout)
+        (final,) = [e for e in events if e["type"] == "final"]
+        assert res["top5_error"] == final["top5_error"] == store.get(job_id).result["top5_error"]
+        assert res["top1_error"] < 0.9
+        rec = store.get(job_id)
+        assert (rec.user, rec.team) == ("erin", "vision")  # the owner came from the token
+        # the Ray Job's driver log, read by the server from the cluster
+        logs = cli("logs", job_id)
+        assert logs.returncode == 0 and f"{job_id}: stored result" in logs.stdout, logs.stderr
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.mark.slow
 def test_cancel_stops_the_ray_job_and_resume_continues_from_the_checkpoint(
     service: Service, shards: dict[str, str]
 ) -> None:
@@ -299,8 +354,15 @@ def test_cancel_stops_the_ray_job_and_resume_continues_from_the_checkpoint(
     assert watcher.returncode == 0, err
     events = _json_lines(out)
     assert _states(events) == [
-        "QUEUED", "LAUNCHING", "RUNNING", "CANCELLED", "QUEUED", "LAUNCHING", "RUNNING", "SUCCEEDED"
-    ]  # fmt: skip
+        "QUEUED",
+        "LAUNCHING",
+        "RUNNING",
+        "CANCELLED",
+        "QUEUED",
+        "LAUNCHING",
+        "RUNNING",
+        "SUCCEEDED",
+    ]
     resumed_at = next(i for i, e in enumerate(events) if e["type"] == "resumed")
     (resumed,) = [e for e in events if e["type"] == "resumed"]
     # it continued from the newest checkpoint attempt 1 wrote, not from scratch
@@ -336,8 +398,14 @@ def _alone(service: Service, sets: list[str], tmp_path: Path) -> dict[str, Any]:
     key = " ".join(sets)
     if key not in _ALONE:
         alone = [*sets, "--set", f"checkpoint.storage={tmp_path / 'alone'}"]
-        done = subprocess.run([str(CLI), "train", str(SMOKE), *alone, "--json"], env=service.env, cwd=ROOT,
-                              capture_output=True, text=True, timeout=FIT_TIMEOUT_S)  # fmt: skip
+        done = subprocess.run(
+            [str(CLI), "train", str(SMOKE), *alone, "--json"],
+            env=service.env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=FIT_TIMEOUT_S,
+        )
         assert done.returncode == 0, done.stderr[-2000:]
         _ALONE[key] = _weights(json.loads(done.stdout.strip().splitlines()[-1])["model_url"])
     return _ALONE[key]
@@ -349,8 +417,13 @@ def _preemption(service: Service, shards: dict[str, str], tmp_path: Path, fault:
     ``fault``: "" none; "dispatcher" the dispatcher SIGKILLed right after asking; "job" the low job's Ray
     Job stopped before it reached its yield checkpoint."""
     every = "1000" if fault == "job" else "2"  # the job fault: it can yield only at an epoch's end
-    common = [f"data.train={shards['train']}", f"data.val={shards['test']}", "train.epochs=2",
-              f"train.log_every_steps={every}", "train.ten_crop_eval=false"]  # fmt: skip
+    common = [
+        f"data.train={shards['train']}",
+        f"data.val={shards['test']}",
+        "train.epochs=2",
+        f"train.log_every_steps={every}",
+        "train.ten_crop_eval=false",
+    ]
     sets = [a for o in common for a in ("--set", o)]
     low = json.loads(service.cli("submit", str(SMOKE), *sets, "--priority", "0", "--json").stdout)["id"]
     service.wait(low, lambda: service.queue.get(low).state is JobState.RUNNING, "low not running")
@@ -379,8 +452,15 @@ def _preemption(service: Service, shards: dict[str, str], tmp_path: Path, fault:
     rec = service.queue.get(low)
     assert (rec.attempt, rec.preemptions, rec.retries_left) == (2, 1, load_spec(SMOKE).retries)
     assert _states(service.events(low)) == [
-        "QUEUED", "LAUNCHING", "RUNNING", "PREEMPTED", "QUEUED", "LAUNCHING", "RUNNING", "SUCCEEDED"
-    ]  # fmt: skip
+        "QUEUED",
+        "LAUNCHING",
+        "RUNNING",
+        "PREEMPTED",
+        "QUEUED",
+        "LAUNCHING",
+        "RUNNING",
+        "SUCCEEDED",
+    ]
     assert _states(service.events(high)) == ["QUEUED", "LAUNCHING", "RUNNING", "SUCCEEDED"]
     # one Ray Job a launch: nothing ran twice
     launched = {sid for sid in service.launcher.statuses() if sid.startswith((low, high))}
