@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The main job through the whole service, on this machine: `make demo` runs this after `make setup`.
 #
-#   redis-server (AOF)  ──  Ray head (2 CPUs)  ──  dispatcher  ──  Ray Job: 2 Ray Train workers x 2 towers
-#   Fashion-MNIST shards (local folder, or a local S3 server with S3=1) ── checkpoints ── result in Redis
+#   you (CLI, browser) ── API server (token) ── redis-server (AOF) ── dispatcher ── Ray head (2 CPUs)
+#   ── Ray Job: 2 Ray Train workers x 2 towers ── Fashion-MNIST shards (local folder, or a local S3 server
+#   with S3=1) ── checkpoints ── result in Redis, read back through the API
 #
 # Knobs (environment): EPOCHS, SEED (default: the job's), S3=1, DEMO_DIR (default demo/), and the ports
-# REDIS_PORT, RAY_PORT, DASHBOARD_PORT, S3_PORT. Everything started here is stopped on exit.
+# REDIS_PORT, RAY_PORT, DASHBOARD_PORT, S3_PORT, API_PORT. Everything started here is stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,6 +18,7 @@ CLIENT_PORT=${CLIENT_PORT:-6392}
 AGENT_PORT=${AGENT_PORT:-6393}
 DASHBOARD_PORT=${DASHBOARD_PORT:-8266}
 S3_PORT=${S3_PORT:-6394}
+API_PORT=${API_PORT:-8267}
 S3=${S3:-0}
 EPOCHS=${EPOCHS:-}
 SEED=${SEED:-}
@@ -39,7 +41,7 @@ cleanup() {
   sleep 1
   [ -n "$ray_pgid" ] && kill -KILL -- "-$ray_pgid" 2>/dev/null
   for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null; done
-  echo "demo: stopped redis-server, the Ray head and the dispatcher"
+  echo "demo: stopped redis-server, the Ray head, the API server and the dispatcher"
 }
 trap cleanup EXIT
 
@@ -52,9 +54,9 @@ wait_port() {  # wait_port PORT WHAT
   exit 1
 }
 
-for port in $REDIS_PORT $RAY_PORT $DASHBOARD_PORT; do
+for port in $REDIS_PORT $RAY_PORT $DASHBOARD_PORT $API_PORT; do
   if (echo >/dev/tcp/127.0.0.1/"$port") 2>/dev/null; then
-    echo "demo: port $port is taken (an earlier demo still running?); set REDIS_PORT/RAY_PORT/DASHBOARD_PORT" >&2
+    echo "demo: port $port is taken (an earlier demo still running?); set REDIS_PORT/RAY_PORT/DASHBOARD_PORT/API_PORT" >&2
     exit 1
   fi
 done
@@ -97,21 +99,31 @@ fi
 TRAIN_MANIFEST="$SHARDS/fashion-mnist-train.json"
 VAL_MANIFEST="$SHARDS/fashion-mnist-test.json"
 
-echo "== 3. submit $JOB_SPEC"
+echo "== 3. the API server :$API_PORT and a user: the commands below go through it with a token"
+# The operator's side (Redis): one user, whose token is printed once and kept only as a hash.
+TOKEN=$(alexnet-dist admin user add demo --team demo --replace --token-only)
+(umask 077 && echo "$TOKEN" >"$STACK/demo-token")
+alexnet-dist server --port "$API_PORT" >"$STACK/logs/api-server.log" 2>&1 &
+pids+=($!)
+wait_port "$API_PORT" "the API server"
+export ALEXNET_DIST_SERVER="http://127.0.0.1:$API_PORT" ALEXNET_DIST_TOKEN="$TOKEN"
+echo "   dashboard: $ALEXNET_DIST_SERVER (log in with the token in $STACK/demo-token)"
+
+echo "== 4. submit $JOB_SPEC"
 sets=(--set "data.train=$TRAIN_MANIFEST" --set "data.val=$VAL_MANIFEST")
 [ -n "$EPOCHS" ] && sets+=(--set "train.epochs=$EPOCHS")
 [ -n "$SEED" ] && sets+=(--set "seed=$SEED")
 JOB=$(alexnet-dist submit "$JOB_SPEC" "${sets[@]}" --json | python -c 'import json,sys; print(json.load(sys.stdin)["id"])')
 echo "   job $JOB queued"
 
-echo "== 4. dispatcher (launches the job as a Ray Job), live progress"
+echo "== 5. dispatcher (launches the job as a Ray Job), live progress"
 alexnet-dist dispatcher --interval 0.5 >"$STACK/logs/dispatcher.log" 2>&1 &
 pids+=($!)
 started=$(date +%s)
 alexnet-dist watch "$JOB"
 elapsed=$(( $(date +%s) - started ))
 
-echo "== 5. result (through Redis)"
+echo "== 6. result (through the API server)"
 alexnet-dist status "$JOB"
 alexnet-dist result "$JOB"
 alexnet-dist result "$JOB" --json >"$DEMO_DIR/result.json"
@@ -126,7 +138,7 @@ print(f"   training {res['train_seconds']:.0f} s; submit to result {sys.argv[2]}
 print(f"   model: {res['model_url']}\n   checkpoints: {res['checkpoint_url']}")
 EOF
 
-echo "== 6. classify test images written out as ordinary files"
+echo "== 7. classify test images written out as ordinary files"
 python - "$DEMO_DIR/images" <<'EOF'
 import sys
 from pathlib import Path
@@ -140,6 +152,6 @@ for i in range(8):
 EOF
 alexnet-dist classify "$JOB" "$DEMO_DIR"/images/*
 
-echo "== 7. learning curves"
+echo "== 8. learning curves"
 alexnet-dist plot "$JOB" -o "$DEMO_DIR/curves.png"
 echo "   wrote $DEMO_DIR/curves.png"

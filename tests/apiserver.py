@@ -53,8 +53,12 @@ def start_api_server(
     proc = subprocess.Popen(
         [str(BIN / "alexnet-dist"), "server", "--port", str(port), *args],
         # no Ray cluster unless a test gives one: a dashboard port nothing listens on
-        env={**os.environ, "ALEXNET_DIST_REDIS_URL": redis_url,
-             "ALEXNET_DIST_RAY_DASHBOARD": f"http://127.0.0.1:{free_port()}", **env},  # fmt: skip
+        env={
+            **os.environ,
+            "ALEXNET_DIST_REDIS_URL": redis_url,
+            "ALEXNET_DIST_RAY_DASHBOARD": f"http://127.0.0.1:{free_port()}",
+            **env,
+        },  # fmt: skip
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
     )

@@ -30,7 +30,10 @@ def test_one_epoch_demo_through_the_whole_service(tmp_path: Path, fashion_mnist_
         "DEMO_DIR": str(tmp_path / "demo"),
         "STACK": str(tmp_path / "stack"),
         "SHARDS": str(tmp_path / "shards"),
-        **{k: str(free_port()) for k in ("REDIS_PORT", "DASHBOARD_PORT", "CLIENT_PORT", "AGENT_PORT")},
+        **{
+            k: str(free_port())
+            for k in ("REDIS_PORT", "DASHBOARD_PORT", "CLIENT_PORT", "AGENT_PORT", "API_PORT")
+        },
         "RAY_PORT": str(free_port()),
     }
     env.pop("RAY_ADDRESS", None)
@@ -57,4 +60,9 @@ def test_one_epoch_demo_through_the_whole_service(tmp_path: Path, fashion_mnist_
     assert len(set(classified)) == 8, out[-3000:]
     curves = tmp_path / "demo" / "curves.png"
     assert curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "stopped redis-server, the Ray head and the dispatcher" in out
+    assert "stopped redis-server, the Ray head, the API server and the dispatcher" in out
+    # the user's commands went through the API server with the token the demo made (mode 0600)
+    assert "== 6. result (through the API server)" in out
+    token_file = tmp_path / "stack" / "demo-token"
+    assert re.search(r"│ user\s+│ demo\s+│", out), out[-3000:]  # the owner came from the token
+    assert token_file.read_text().startswith("adt_") and token_file.stat().st_mode & 0o077 == 0

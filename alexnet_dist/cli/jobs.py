@@ -39,11 +39,16 @@ def _store(settings: Settings) -> JobStore:
 
 
 def _service(settings: Settings) -> JobService:
-    """The job operations: through the HTTP API when ALEXNET_DIST_SERVER is set, else on Redis."""
+    """A user's job operations: through the HTTP API when ALEXNET_DIST_SERVER is set, else on Redis."""
     if settings.server_url:
         from alexnet_dist.api.client import ApiClient
 
         return ApiClient(settings.server_url, settings.token)  # type: ignore[return-value]  (same methods)
+    return _store_service(settings)
+
+
+def _store_service(settings: Settings) -> JobService:
+    """The operations on Redis itself: what the service's own processes (run-job) use."""
     return JobService(
         _store(settings),
         endpoint_url=settings.s3_endpoint_url,
@@ -290,7 +295,7 @@ def run_job(job_id: str, attempt: int = typer.Option(..., help="the attempt this
     from alexnet_dist.training.driver import run_training
 
     settings = load_settings()
-    service = _service(settings)
+    service = _store_service(settings)
     rec = service.current_attempt(job_id, attempt)
     events = job_events(settings.redis_url, service.store.keys, job_id)
     signal = service.yield_signal(job_id, settings.redis_url)
