@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import redis
+import redis.asyncio
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -44,6 +46,8 @@ from alexnet_dist.errors import (
     UnreachableError,
 )
 from alexnet_dist.service.connection import connect
+from alexnet_dist.service.events import follow_events
+from alexnet_dist.service.keys import Keys
 from alexnet_dist.service.launcher import Launcher
 from alexnet_dist.service.operations import JobService
 from alexnet_dist.service.store import JobRecord, JobState, JobStore
@@ -99,6 +103,10 @@ def create_app(
     """The application: the API under ``/api/v1``, the dashboard at ``/``, OpenAPI docs at ``/docs``."""
     client = connect(settings.redis_url)
     store = JobStore(client, prefix=settings.redis_prefix)
+    # Event streams are served on an asyncio client: a watcher waits on Redis without holding a thread.
+    aclient = redis.asyncio.Redis.from_url(
+        settings.redis_url, decode_responses=True, socket_connect_timeout=5
+    )
     if launcher is None:
 
         def launcher() -> Launcher:
@@ -226,9 +234,11 @@ def create_app(
         start = request.headers.get("last-event-id") or after or "0-0"
         if not _entry_id(start):
             raise ConfigError(f"Last-Event-ID {start!r}: not a stream entry id (like 1700000000000-0)")
-        stream = service.watch(job_id, follow=follow, after=start, heartbeats=True)
+        stream = follow_events(
+            aclient, store.keys, job_id, after=start, follow=follow, block_ms=watch_block_ms
+        )
         return StreamingResponse(
-            _sse(job_id, stream, service),
+            _sse(job_id, stream, aclient, store.keys),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},  # no proxy buffering
         )
@@ -281,20 +291,23 @@ def _entry_id(value: str) -> bool:
     return bool(sep) and ms.isdigit() and seq.isdigit()
 
 
-def _sse(job_id: str, stream: Iterator[tuple[str, dict]], service: JobService) -> Iterator[str]:
+async def _sse(
+    job_id: str, stream: AsyncIterator[tuple[str, dict]], aclient: redis.asyncio.Redis, keys: Keys
+) -> AsyncIterator[str]:
     """The events as SSE frames; a heartbeat comment while waiting; an ``end`` event once it ended."""
     yield "retry: 1000\n\n"  # browsers' EventSource reconnects after a second, with Last-Event-ID
     try:
-        for entry_id, event in stream:
+        async for entry_id, event in stream:
             if not entry_id:
                 yield ": keep-alive\n\n"
                 continue
             kind = str(event.get("type", "message")).replace("\n", " ")
             yield f"id: {entry_id}\nevent: {kind}\ndata: {json.dumps(event)}\n\n"
-        state = service.get(job_id).state.value
+        state = await aclient.hget(keys.job(job_id), "state")
         yield f"event: end\ndata: {json.dumps({'state': state})}\n\n"
-    except AlexNetDistError as err:  # Redis went away mid-stream: say so; the client reconnects
-        yield f"event: error\ndata: {json.dumps({'error': str(err), 'kind': type(err).__name__})}\n\n"
+    except (redis.ConnectionError, redis.TimeoutError) as err:  # Redis went away: say so; clients reconnect
+        message = f"Redis unreachable ({err}); the stream resumes when it is back"
+        yield f"event: error\ndata: {json.dumps({'error': message, 'kind': 'UnreachableError'})}\n\n"
 
 
 def _version() -> str:

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import redis
+import redis.asyncio
 
 from alexnet_dist.events import EventPublisher, EventTarget
 from alexnet_dist.service.keys import Keys
 
-__all__ = ["job_events", "job_publisher", "read_events", "subscribe_results"]
+__all__ = ["follow_events", "job_events", "job_publisher", "read_events", "subscribe_results"]
+
+_ENDED = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})  # the store's TERMINAL states
 
 
 def _decode(entry_id: str | bytes, fields: dict) -> tuple[str, dict[str, Any]]:
@@ -53,6 +56,50 @@ def read_events(
         batch = client.xread({stream: last}, count=count, block=block_ms)
         for entry_id, fields in batch[0][1] if batch else []:
             yield _decode(entry_id, fields)
+
+
+async def follow_events(
+    client: redis.asyncio.Redis,
+    keys: Keys,
+    job_id: str,
+    *,
+    after: str = "0-0",
+    follow: bool = True,
+    block_ms: int = 1000,
+    count: int = 500,
+) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    """The job's events after ``after`` as (entry id, event), on an asyncio client: what a server
+    streams to many watchers at once without a thread each. Following, it yields ``("", {})`` after each
+    wait of ``block_ms`` with nothing new (a heartbeat, so a dropped client is noticed) and ends once the
+    job has ended and the event of its end has been read, as :meth:`JobService.watch` does.
+    """
+    stream, job_key = keys.events(job_id), keys.job(job_id)
+    last, state = after, ""  # state: of the newest state event (a resumed job's stream holds older ends)
+
+    async def read(block: int | None) -> list[tuple[str, dict[str, Any]]]:
+        nonlocal last, state
+        batch = await client.xread({stream: last}, count=count, block=block)
+        out = [_decode(entry_id, fields) for entry_id, fields in (batch[0][1] if batch else [])]
+        for entry_id, event in out:
+            last = entry_id
+            if event.get("type") == "state":
+                state = str(event.get("state"))
+        return out
+
+    while got := await read(None):
+        for item in got:
+            yield item
+    while follow and state not in _ENDED:
+        got = await read(block_ms)
+        for item in got:
+            yield item
+        if not got:
+            yield "", {}
+        if state not in _ENDED and await client.hget(job_key, "state") in _ENDED:
+            while got := await read(None):  # the end's state event is written with the state: read it too
+                for item in got:
+                    yield item
+            return
 
 
 def subscribe_results(client: redis.Redis, keys: Keys, *, timeout_s: float | None = None) -> Iterator[dict]:

@@ -105,20 +105,17 @@ class JobService:
             )
         return {"job_id": rec.id, **rec.result}
 
-    def watch(
-        self, job_id: str, *, follow: bool = True, after: str = "0-0", heartbeats: bool = False
-    ) -> Iterator[tuple[str, dict]]:
+    def watch(self, job_id: str, *, follow: bool = True, after: str = "0-0") -> Iterator[tuple[str, dict]]:
         """The job's events as (stream entry id, event): its stream after ``after``, then, when following,
         new ones until the job has ended. Safe to stop and start again (pass the last id as ``after``).
 
-        ``heartbeats`` also yields ``("", {})`` after each wait with nothing new (about every
-        ``watch_block_ms``), so a server streaming the events notices a client that went away.
-        An unknown job raises here, before any event.
+        An unknown job raises here, before any event. (The HTTP server streams with
+        :func:`~alexnet_dist.service.events.follow_events`, its asyncio twin.)
         """
         self.store.get(job_id)
-        return self._events(job_id, follow, after, heartbeats)
+        return self._events(job_id, follow, after)
 
-    def _events(self, job_id: str, follow: bool, after: str, heartbeats: bool) -> Iterator[tuple[str, dict]]:
+    def _events(self, job_id: str, follow: bool, after: str) -> Iterator[tuple[str, dict]]:
         last = after
         state = ""  # of the newest state event seen: a resumed job's stream holds an earlier attempt's end
 
@@ -134,10 +131,7 @@ class JobService:
 
         yield from drain(None)
         while follow and state not in _TERMINAL:
-            seen = last
             yield from drain(self.watch_block_ms)
-            if heartbeats and last == seen:
-                yield "", {}
             if state not in _TERMINAL and self.store.get(job_id).state in TERMINAL:
                 yield from drain(None)  # the end's state event is written with the state: read it too
                 return

@@ -545,3 +545,28 @@ def test_tls_with_a_certificate_and_key(
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_a_hundred_watchers_at_once_all_get_each_event(api: ApiServer, spec: JobSpec) -> None:
+    """More watchers than the server has worker threads (40): streams wait on Redis in the event loop,
+    so the server still answers other requests and every watcher gets each new event."""
+    token = api.add_user("alice", "vision")
+    store = api.store
+    rec, _ = store.submit(spec, user="alice", team="vision")
+    assert store.transition(rec, JobState.LAUNCHING, message="launching")
+    parts = urlsplit(api.url)
+    conns = []
+    for _ in range(100):
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+        conn.request("GET", f"/api/v1/jobs/{rec.id}/events", headers={"Authorization": f"Bearer {token}"})
+        conns.append(conn.getresponse())
+    try:
+        for resp in conns:  # each has replayed the stream so far: QUEUED, LAUNCHING
+            assert [e["state"] for _, _, e in _read_sse(resp, stop_after=2)] == ["QUEUED", "LAUNCHING"]
+        assert call(api, "GET", f"/api/v1/jobs/{rec.id}", token=token)[0] == 200
+        assert store.transition(store.get(rec.id), JobState.RUNNING, message="running")
+        for resp in conns:
+            assert [e["state"] for _, _, e in _read_sse(resp, stop_after=1)] == ["RUNNING"]
+    finally:
+        for resp in conns:
+            resp.close()
