@@ -9,7 +9,7 @@ from alexnet_dist.cli.app import app
 from alexnet_dist.errors import AlexNetDistError
 
 # Command modules register themselves on ``app`` when imported.
-from alexnet_dist.cli import caffe, classify, demo, jobs, server, shards, train  # noqa: F401  isort: skip
+from alexnet_dist.cli import caffe, classify, demo, export, jobs, server, shards, spec, train  # noqa: F401  isort: skip
 
 __all__ = ["app", "main"]
 

@@ -1,0 +1,3 @@
+"""Placeholder: filled in by its feature."""
+
+from __future__ import annotations
