@@ -53,7 +53,13 @@ def _free_port() -> int:
 
 def run(url: str, n: int) -> dict:
     client = connect(url)
-    spec = parse_spec({"name": "bench", "data": {"train": "a.json", "val": "b.json"}})
+    spec = parse_spec(
+        {
+            "name": "bench",
+            "data": {"train": "a.json", "val": "b.json"},
+            "scaling": {"workers": 1, "devices": "cpu"},
+        }
+    )
     spec_json = spec.to_json()
 
     queue = JobStore(client, prefix="bench:svc:")

@@ -34,6 +34,7 @@ def _spec():
             "name": "curves",
             "data": {"train": "/nowhere/train.json", "val": "/nowhere/test.json"},
             "model": {"preset": "small", "num_classes": 10},
+            "scaling": {"workers": 1, "devices": "cpu"},
         }
     )
 

@@ -39,7 +39,7 @@ def make_spec(name: str = "tiny", workers: int = 1, cpus: float = 1.0, **over: o
     data = {
         "name": name,
         "data": {"train": "shards/t.json", "val": "shards/v.json"},
-        "scaling": {"workers": workers, "cpus_per_worker": cpus},
+        "scaling": {"workers": workers, "devices": "cpu", "cpus_per_worker": cpus},
         "train": {"batch_size": 4 * workers},
         **over,
     }

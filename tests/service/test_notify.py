@@ -437,6 +437,7 @@ def test_the_stores_own_changes_reach_a_webhook_in_order_signed(redis_url: str, 
     follower = StateFollower(store.client, store.keys, Notifier([service_hook.url], secret=SECRET))
     assert follower.step() == 0  # a first run starts after the history
     spec = parse_spec({"name": "hooked", "data": {"train": "t.json", "val": "v.json"},
+                       "scaling": {"workers": 1, "devices": "cpu"},
                        "notify": {"urls": [job_hook.url]}})  # fmt: skip
     job, _ = store.submit(spec)
     token = "tok"

@@ -21,7 +21,8 @@ PREFIX = "t:"
 
 
 def _spec(train: str, val: str, classes: int = 10, name: str = "op") -> JobSpec:
-    return parse_spec({"name": name, "data": {"train": train, "val": val}, "model": {"num_classes": classes}})
+    return parse_spec({"name": name, "data": {"train": train, "val": val}, "model": {"num_classes": classes},
+                       "scaling": {"workers": 1, "devices": "cpu"}})  # fmt: skip
 
 
 @pytest.fixture

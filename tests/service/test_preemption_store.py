@@ -22,7 +22,8 @@ def _store(redis_url: str, prefix: str) -> JobStore:
 
 
 def _spec(name: str, **over):
-    return parse_spec({"name": name, "retries": 2, "data": {"train": "t.json", "val": "v.json"}, **over})
+    return parse_spec({"name": name, "retries": 2, "data": {"train": "t.json", "val": "v.json"},
+                       "scaling": {"workers": 1, "devices": "cpu"}, **over})  # fmt: skip
 
 
 def _run(store: JobStore, job_id: str) -> None:

@@ -19,7 +19,8 @@ from alexnet_dist.spec import JobSpec, parse_spec
 
 
 def make_spec(name: str = "tiny", **over: object) -> JobSpec:
-    data = {"name": name, "data": {"train": "shards/t.json", "val": "shards/v.json"}, **over}
+    data = {"name": name, "data": {"train": "shards/t.json", "val": "shards/v.json"},
+            "scaling": {"workers": 1, "devices": "cpu"}, **over}  # fmt: skip
     return parse_spec(data)
 
 
@@ -225,7 +226,8 @@ def test_cli_submit_checks_manifests_and_is_idempotent(redis_url: str, tmp_path:
 
     train, val = write_manifest(tmp_path / "t.json", 10), write_manifest(tmp_path / "v.json", 10)
     spec = tmp_path / "job.toml"
-    spec.write_text(f'name = "fm"\n[data]\ntrain = "{train}"\nval = "{val}"\n[model]\nnum_classes = 10\n')
+    spec.write_text(f'name = "fm"\n[data]\ntrain = "{train}"\nval = "{val}"\n[model]\nnum_classes = 10\n'
+                    '[scaling]\nworkers = 1\ndevices = "cpu"\n')  # fmt: skip
     env = {**os.environ, "ALEXNET_DIST_REDIS_URL": redis_url, "ALEXNET_DIST_REDIS_PREFIX": "t:"}
     exe = str(Path(sys.executable).parent / "alexnet-dist")
 
