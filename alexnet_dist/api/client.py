@@ -24,7 +24,8 @@ from typing import Any
 
 from alexnet_dist import errors
 from alexnet_dist.errors import AlexNetDistError, AuthError, ConfigError, QueueError, UnreachableError
-from alexnet_dist.service.store import JobRecord, JobState
+from alexnet_dist.service.operations import follow_text, wait_for
+from alexnet_dist.service.store import TERMINAL, JobRecord, JobState
 from alexnet_dist.spec import JobSpec
 
 __all__ = ["ApiClient"]
@@ -94,6 +95,15 @@ class ApiClient:
         query = {"attempt": attempt} if attempt else {}
         with self._open("GET", f"/jobs/{_quote(job_id)}/logs", query=query) as resp:
             return resp.read().decode("utf-8", errors="replace")
+
+    def follow_logs(self, job_id: str, *, poll_s: float = 2.0) -> Iterator[str]:
+        rec = self.get(job_id)
+        return follow_text(
+            lambda: self.logs(rec.id), lambda: self.get(rec.id).state in TERMINAL, poll_s=poll_s
+        )
+
+    def wait(self, job_id: str, *, timeout_s: float | None = None, poll_s: float = 1.0) -> JobRecord:
+        return wait_for(self.get(job_id), self.get, timeout_s=timeout_s, poll_s=poll_s)
 
     def whoami(self) -> dict[str, Any]:
         return self._json("GET", "/whoami")

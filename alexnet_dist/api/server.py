@@ -136,20 +136,18 @@ def create_app(
     def who(request: Request) -> Caller:
         return caller(request, users)
 
-    def readable(job_id: str, me: Caller) -> JobRecord:
+    def readable(ref: str, me: Caller) -> JobRecord:
+        """The job ``ref`` names (id, unique prefix or name) among those the caller may read."""
         try:
-            rec = service.get(job_id)
+            return service.resolve(ref, visible=lambda r: can_read(me.user, r.user, r.team))
         except JobNotFoundError:
-            raise _not_found(job_id) from None
-        if not can_read(me.user, rec.user, rec.team):
-            raise _not_found(job_id)
-        return rec
+            raise _not_found(ref) from None
 
-    def changeable(job_id: str, me: Caller, request: Request) -> JobRecord:
-        rec = readable(job_id, me)
+    def changeable(ref: str, me: Caller, request: Request) -> JobRecord:
+        rec = readable(ref, me)
         if not can_change(me.user, rec.user):
             raise PermissionDeniedError(
-                f"job {job_id}: owned by {rec.user}; only its owner or an admin can change it"
+                f"job {rec.id}: owned by {rec.user}; only its owner or an admin can change it"
             )
         check_csrf(me, request.headers.get(CSRF_HEADER))
         return rec
@@ -219,7 +217,7 @@ def create_app(
     @api.get("/jobs/{job_id}", summary="One job's record, with its place in the queue if queued")
     def status(job_id: str, me: Caller = Depends(who)) -> dict[str, Any]:
         rec = readable(job_id, me)
-        waits = service.pending().get(job_id) if rec.state is JobState.QUEUED else None
+        waits = service.pending().get(rec.id) if rec.state is JobState.QUEUED else None
         return _view(rec, waits)
 
     @api.get("/jobs/{job_id}/events", summary="The job's events as Server-Sent Events (Last-Event-ID)")
@@ -230,7 +228,7 @@ def create_app(
         after: str | None = Query(None, description="a stream entry id; Last-Event-ID wins if both"),
         me: Caller = Depends(who),
     ) -> StreamingResponse:
-        readable(job_id, me)
+        job_id = readable(job_id, me).id
         start = request.headers.get("last-event-id") or after or "0-0"
         if not _entry_id(start):
             raise ConfigError(f"Last-Event-ID {start!r}: not a stream entry id (like 1700000000000-0)")
@@ -245,18 +243,15 @@ def create_app(
 
     @api.post("/jobs/{job_id}/cancel", summary="Cancel a job (its owner or an admin)")
     def cancel(job_id: str, request: Request, me: Caller = Depends(who)) -> dict[str, Any]:
-        changeable(job_id, me, request)
-        return _view(service.cancel(job_id), None)
+        return _view(service.cancel(changeable(job_id, me, request).id), None)
 
     @api.post("/jobs/{job_id}/resume", summary="Queue a FAILED or CANCELLED job again (owner or admin)")
     def resume(job_id: str, request: Request, me: Caller = Depends(who)) -> dict[str, Any]:
-        changeable(job_id, me, request)
-        return _view(service.resume(job_id), None)
+        return _view(service.resume(changeable(job_id, me, request).id), None)
 
     @api.get("/jobs/{job_id}/result", summary="The final top-1 and top-5 error (409 until SUCCEEDED)")
     def result(job_id: str, me: Caller = Depends(who)) -> dict[str, Any]:
-        readable(job_id, me)
-        return service.result(job_id)
+        return service.result(readable(job_id, me).id)
 
     @api.get("/jobs/{job_id}/logs", response_class=PlainTextResponse, summary="The Ray Job's driver log")
     def logs(
@@ -265,8 +260,7 @@ def create_app(
         tail: int | None = Query(None, ge=1, description="only the last N lines"),
         me: Caller = Depends(who),
     ) -> str:
-        readable(job_id, me)
-        text = service.logs(job_id, attempt=attempt)
+        text = service.logs(readable(job_id, me).id, attempt=attempt)
         if tail:
             text = "".join(text.splitlines(keepends=True)[-tail:])
         return text

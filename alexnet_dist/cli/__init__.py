@@ -1,4 +1,5 @@
-"""The ``alexnet-dist`` command line. Only this package maps errors to exit codes and sets up logging."""
+"""The ``alexnet-dist`` command line. Only this package maps errors to exit codes (the table in
+:mod:`alexnet_dist.errors`) and sets up logging."""
 
 from __future__ import annotations
 
@@ -23,3 +24,6 @@ def main() -> None:
     except AlexNetDistError as err:
         print(f"alexnet-dist: error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        print("alexnet-dist: interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -11,9 +11,6 @@ from rich.table import Table
 
 from alexnet_dist.cli.app import app
 from alexnet_dist.errors import ConfigError
-from alexnet_dist.interop.caffe import load_caffemodel
-from alexnet_dist.model.file import read_class_names, save_model_file
-from alexnet_dist.model.network import count_parameters
 
 
 def parse_mean(text: str) -> tuple[float, float, float]:
@@ -45,6 +42,10 @@ def import_caffe(
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ) -> None:
     """Import Caffe's bvlc_alexnet (or a Caffe AlexNet of its layout) into the two-tower network."""
+    from alexnet_dist.interop.caffe import load_caffemodel  # torch: imported only by this command
+    from alexnet_dist.model.file import read_class_names, save_model_file
+    from alexnet_dist.model.network import count_parameters
+
     console = Console(stderr=True)
     names = read_class_names(classes) if classes is not None else None
     with console.status(f"reading {caffemodel} ..."):

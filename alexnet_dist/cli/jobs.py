@@ -21,10 +21,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from alexnet_dist.cli.app import app
-from alexnet_dist.errors import JobYielded
+from alexnet_dist.errors import ConfigError, JobYielded
 from alexnet_dist.service.connection import connect
 from alexnet_dist.service.launcher import RayJobsLauncher
-from alexnet_dist.service.operations import JobService
+from alexnet_dist.service.operations import JobService, outcome_error
 from alexnet_dist.service.store import JobState, JobStore
 from alexnet_dist.settings import Settings, load_settings
 from alexnet_dist.spec import load_spec
@@ -67,16 +67,20 @@ def _fmt(x: Any, digits: int = 4) -> str:
 
 @app.command()
 def submit(
-    spec_path: Path = typer.Argument(..., metavar="SPEC", help="job spec TOML, e.g. jobs/fashion_mnist.toml"),
+    spec_path: Path = typer.Argument(..., metavar="SPEC", help="job spec TOML, e.g. jobs/fashion-mnist.toml"),
     priority: int | None = typer.Option(None, help="overrides the spec's priority; higher runs first"),
     set_: list[str] = typer.Option([], "--set", help="override a field: --set train.epochs=3"),
     client_key: str | None = typer.Option(None, help="idempotency key: the same key submits once"),
+    follow: bool = typer.Option(
+        False, "--follow", "-f", help="then show progress and exit with the job's outcome (0: succeeded)"
+    ),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Queue a job; nothing is queued if the spec or its manifests are wrong."""
     spec = load_spec(spec_path, set_)
     settings = load_settings()
-    rec, created = _service(settings).submit(
+    service = _service(settings)
+    rec, created = service.submit(
         spec, priority=priority, client_key=client_key, user=settings.user, team=settings.team
     )
     if as_json:
@@ -84,6 +88,8 @@ def submit(
     else:
         note = "" if created else " (already submitted with this client key)"
         out.print(f"{rec.id}  {rec.state.value}  priority {rec.priority}{note}")
+    if follow:
+        _follow(service, rec.id, as_json=as_json, follow=True, step_lines=10)
 
 
 @app.command("list")
@@ -117,11 +123,14 @@ def list_jobs(
 
 
 @app.command()
-def status(job_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
+def status(
+    job_id: str = typer.Argument(..., metavar="JOB", help="a job id, a unique prefix of one, or a name"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
     """One job's record; a queued one with its place in the queue, why it waits and when it may start."""
     service = _service(load_settings())
     rec = service.get(job_id)
-    waits = service.pending().get(job_id) if rec.state is JobState.QUEUED else None
+    waits = service.pending().get(rec.id) if rec.state is JobState.QUEUED else None
     if as_json:
         _print_json({**rec.to_dict(), "pending": waits})
         return
@@ -184,51 +193,127 @@ class WatchView:
             )
 
 
-@app.command()
-def watch(
-    job_id: str,
-    as_json: bool = typer.Option(False, "--json", help="print events as JSON lines"),
-    follow: bool = typer.Option(True, help="keep waiting for new events until the job ends"),
-) -> None:
-    """Live progress of a job from its event stream; safe to stop and start again."""
-    service = _service(load_settings())
-    if as_json:
-        for _, event in service.watch(job_id, follow=follow):
-            _print_json(event)
-        return
-    rec = service.get(job_id)
+class LineView:
+    """The same events as plain lines, for a log file or CI: each state, every ``step_lines``-th step
+    event (0: none), each epoch and the final evaluation, one line each, flushed as they come."""
+
+    def __init__(self, console: Console, step_lines: int) -> None:
+        self.console = console
+        self.step_lines = step_lines
+        self.steps_seen = 0
+
+    def show(self, event: dict[str, Any]) -> None:
+        kind = event.get("type")
+        line = ""
+        if kind == "state":
+            line = f"{event.get('state')} attempt {event.get('attempt')}: {event.get('message')}"
+        elif kind == "step":
+            self.steps_seen += 1
+            if self.step_lines and self.steps_seen % self.step_lines == 0:
+                line = (
+                    f"epoch {event.get('epoch')}/{event.get('epochs')} step {event.get('step')}/"
+                    f"{event.get('steps_per_epoch')}: loss {_fmt(event.get('loss'))}  lr "
+                    f"{_fmt(event.get('lr'), 5)}  {_fmt(event.get('images_per_s'), 1)} img/s"
+                )
+        elif kind == "epoch":
+            line = (
+                f"epoch {event.get('epoch')}/{event.get('epochs')} done: train loss "
+                f"{_fmt(event.get('train_loss'))}  top-1 err {_fmt(event.get('val_top1_error'))}  top-5 err "
+                f"{_fmt(event.get('val_top5_error'))}"
+            )
+        elif kind == "final":
+            crops = "ten-crop" if event.get("ten_crop") else "center crop"
+            line = (
+                f"final top-1 error {_fmt(event.get('top1_error'))}  top-5 error "
+                f"{_fmt(event.get('top5_error'))} ({crops}, {event.get('val_samples')} images)"
+            )
+        if line:
+            self.console.print(line, markup=False, highlight=False, soft_wrap=True)
+            self.console.file.flush()
+
+
+def _follow(service: JobService, job_id: str, *, as_json: bool, follow: bool, step_lines: int) -> None:
+    """Print a job's events (JSON lines, progress bars on a terminal, plain lines elsewhere), then exit
+    with its outcome: :class:`JobFailedError` (exit 3) if it ended FAILED or CANCELLED."""
     events = service.watch(job_id, follow=follow)
-    columns = (
-        TextColumn("{task.description:>5}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[info]}"),
-    )
-    out.print(f"{rec.id} ({rec.name}): {rec.state.value}, attempt {rec.attempt}")
-    with Progress(*columns, console=out, transient=False) as progress:
-        view = WatchView(progress)
+    if as_json:
+        for _, event in events:
+            _print_json(event)
+    elif not out.is_terminal:
+        view = LineView(out, step_lines)
         for _, event in events:
             view.show(event)
+    else:
+        columns = (
+            TextColumn("{task.description:>5}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[info]}"),
+        )
+        with Progress(*columns, console=out, transient=False) as progress:
+            bars = WatchView(progress)
+            for _, event in events:
+                bars.show(event)
+    error = outcome_error(service.get(job_id))
+    if error is not None:
+        raise error
 
 
 @app.command()
-def cancel(job_id: str) -> None:
+def watch(
+    job_id: str = typer.Argument(..., metavar="JOB", help="a job id, a unique prefix of one, or a name"),
+    as_json: bool = typer.Option(False, "--json", help="print events as JSON lines"),
+    follow: bool = typer.Option(True, help="keep waiting for new events until the job ends"),
+    step_lines: int = typer.Option(
+        10, help="when not a terminal: a line every N-th logged step (0: epochs only)", min=0
+    ),
+) -> None:
+    """Live progress of a job from its event stream; safe to stop and start again. Exits 0 if the job
+    succeeded (or, with --no-follow, has not ended), 3 if it failed or was cancelled."""
+    service = _service(load_settings())
+    rec = service.get(job_id)
+    if not as_json:
+        out.print(f"{rec.id} ({rec.name}): {rec.state.value}, attempt {rec.attempt}", highlight=False)
+    _follow(service, rec.id, as_json=as_json, follow=follow, step_lines=step_lines)
+
+
+@app.command("wait")
+def wait_cmd(
+    job_id: str = typer.Argument(..., metavar="JOB", help="a job id, a unique prefix of one, or a name"),
+    timeout: float | None = typer.Option(None, help="give up after this many seconds (exit 4)", min=0),
+) -> None:
+    """Wait for a job to end, quietly: exit 0 if it succeeded, 3 if it failed or was cancelled, 4 if
+    --timeout passed first."""
+    rec = _service(load_settings()).wait(job_id, timeout_s=timeout)
+    out.print(f"{rec.id}  {rec.state.value}", highlight=False)
+
+
+@app.command()
+def cancel(
+    job_id: str = typer.Argument(..., metavar="JOB", help="a job id, a unique prefix of one, or a name"),
+) -> None:
     """Cancel a job: at once if queued; a running one's Ray Job is stopped by the dispatcher."""
     rec = _service(load_settings()).cancel(job_id)
     out.print(f"{rec.id}  {rec.state.value}  {rec.message}")
 
 
 @app.command()
-def resume(job_id: str) -> None:
+def resume(
+    job_id: str = typer.Argument(..., metavar="JOB", help="a job id, a unique prefix of one, or a name"),
+) -> None:
     """Queue a FAILED or CANCELLED job again; it continues from its newest checkpoint."""
     rec = _service(load_settings()).resume(job_id)
     out.print(f"{rec.id}  {rec.state.value}  attempt {rec.attempt}")
 
 
 @app.command()
-def result(job_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
-    """The final top-1 and top-5 error; exits non-zero until the job has succeeded."""
+def result(
+    job_id: str = typer.Argument(..., metavar="JOB", help="a job id, a unique prefix of one, or a name"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """The final top-1 and top-5 error. Exits 0 if the job succeeded, 3 if it failed or was cancelled,
+    4 if it has not finished yet."""
     r = _service(load_settings()).result(job_id)
     if as_json:
         _print_json(r)
@@ -239,9 +324,29 @@ def result(job_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
 
 
 @app.command()
-def logs(job_id: str, attempt: int | None = typer.Option(None, help="default: the current attempt")) -> None:
+def logs(
+    job_id: str = typer.Argument(..., metavar="JOB", help="a job id, a unique prefix of one, or a name"),
+    attempt: int | None = typer.Option(None, help="default: the current attempt"),
+    tail: int | None = typer.Option(None, "--tail", "-n", help="only the last N lines", min=1),
+    follow: bool = typer.Option(False, "--follow", "-f", help="keep printing new lines until the job ends"),
+) -> None:
     """The Ray Job's driver log."""
-    sys.stdout.write(_service(load_settings()).logs(job_id, attempt=attempt))
+    service = _service(load_settings())
+    if follow:
+        if attempt is not None:
+            raise ConfigError("--follow reads the current attempt's log; leave out --attempt")
+        first = True
+        for part in service.follow_logs(job_id):
+            if first and tail:
+                part = "".join(part.splitlines(keepends=True)[-tail:])
+            first = False
+            sys.stdout.write(part)
+            sys.stdout.flush()
+        return
+    text = service.logs(job_id, attempt=attempt)
+    if tail:
+        text = "".join(text.splitlines(keepends=True)[-tail:])
+    sys.stdout.write(text)
 
 
 @app.command()

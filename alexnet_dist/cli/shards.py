@@ -17,9 +17,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from alexnet_dist.cli.app import app
-from alexnet_dist.data.build import writer as shard_writer
-from alexnet_dist.data.manifest import load_manifest
-from alexnet_dist.data.verify import verify_manifest
 from alexnet_dist.errors import ConfigError, DataError
 from alexnet_dist.settings import load_settings
 
@@ -46,11 +43,16 @@ def build(
     ] = None,
     processes: Annotated[int, typer.Option(help="encoding processes")] = 2,
     limit: Annotated[int | None, typer.Option(help="only the first N samples of each split")] = None,
-    manifest_dir: Annotated[Path, typer.Option(help="where manifest copies go")] = Path("shards"),
+    manifest_dir: Annotated[
+        Path | None, typer.Option(help="also copy the manifests here (default: only beside the shards)")
+    ] = None,
     stats_from: Annotated[str | None, typer.Option(help="copy mean/std/PCA from this manifest")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the manifests' summary as JSON")] = False,
 ) -> None:
     """Encode SOURCE into tar shards plus a manifest per split."""
+    from alexnet_dist.data.build import writer as shard_writer  # numpy, PIL: only for this command
+    from alexnet_dist.data.manifest import load_manifest
+
     if not 1 <= quality <= 100:
         raise ConfigError(f"--quality {quality}: use 1..100")
     if shard_size < 1 or processes < 1:
@@ -98,6 +100,9 @@ def verify(
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
 ) -> None:
     """Read every shard: sizes, checksums, decodes and labels; exit non-zero if anything is bad."""
+    from alexnet_dist.data.manifest import load_manifest
+    from alexnet_dist.data.verify import verify_manifest
+
     settings = load_settings()
     m = load_manifest(manifest, endpoint_url=settings.s3_endpoint_url)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=console,

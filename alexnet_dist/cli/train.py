@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
+from typing import TextIO
 
 import typer
 from rich.console import Console
@@ -34,13 +37,15 @@ def train(
     run if it exists."""
     spec = load_spec(spec_path, set_)
     settings = load_settings()
+    json_out = _stdout_for_json_only() if as_json else None
     if local:
         from alexnet_dist.training.local import run_local as run
     else:
         from alexnet_dist.training.driver import run_training as run
     result = run(spec, run_name=run_name or spec.name, settings=settings, resume=not fresh)
-    if as_json:
-        print(json.dumps(result.to_dict()))
+    if json_out is not None:
+        json_out.write(json.dumps(result.to_dict()) + "\n")
+        json_out.flush()
         return
     console = Console()
     table = Table(title=f"{spec.name}: final evaluation")
@@ -56,3 +61,19 @@ def train(
     table.add_row("model", result.model_url)
     table.add_row("checkpoint", str(result.checkpoint_url))
     console.print(table)
+
+
+def _stdout_for_json_only() -> TextIO:
+    """A stream on the process's stdout for the JSON result alone; everything else written from here on,
+    the Ray workers' log lines Ray forwards to this driver included, goes to stderr (fd 1 is pointed at
+    fd 2), so ``train --json | jq`` reads one JSON object."""
+    real = sys.stdout
+    sys.stdout = sys.stderr
+    try:
+        fd = real.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file descriptor (a test runner's buffer)
+        return real
+    real.flush()
+    saved = os.dup(fd)
+    os.dup2(sys.stderr.fileno(), fd)
+    return os.fdopen(saved, "w")

@@ -6,6 +6,7 @@ check, instead of a redis-py traceback.
 
 from __future__ import annotations
 
+import logging
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
@@ -13,6 +14,8 @@ import redis
 from alexnet_dist.errors import QueueError, UnreachableError
 
 __all__ = ["connect", "redact", "unreachable"]
+
+log = logging.getLogger(__name__)
 
 
 def redact(url: str) -> str:
@@ -52,4 +55,5 @@ def connect(url: str, *, timeout: float = 5.0, check: bool = True) -> redis.Redi
             raise QueueError(f"{redact(url)}: Redis refused the password ({err}); check the URL") from None
         except (redis.ConnectionError, redis.TimeoutError, OSError) as err:
             raise unreachable(url, err) from None
+        log.debug("%s: connected", redact(url))
     return client

@@ -8,20 +8,78 @@ turns results into output and exceptions into exit codes or HTTP statuses.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from alexnet_dist.data.manifest import load_manifest
-from alexnet_dist.errors import AlexNetDistError, ConfigError, QueueError
+from alexnet_dist.errors import (
+    AlexNetDistError,
+    AmbiguousJobError,
+    ClusterError,
+    ConfigError,
+    JobFailedError,
+    JobNotFinishedError,
+    JobNotFoundError,
+    QueueError,
+)
 from alexnet_dist.events import YieldSignal
 from alexnet_dist.service.events import read_events
 from alexnet_dist.service.launcher import Launcher
 from alexnet_dist.service.store import TERMINAL, JobRecord, JobState, JobStore
 from alexnet_dist.spec import JobSpec
 
-__all__ = ["JobService", "check_data"]
+__all__ = ["JobService", "check_data", "follow_text", "outcome_error", "wait_for"]
 
 _TERMINAL = frozenset(s.value for s in TERMINAL)
+
+
+def outcome_error(rec: JobRecord) -> JobFailedError | None:
+    """The error that reports a job's unhappy end (FAILED or CANCELLED); None otherwise."""
+    if rec.state in (JobState.FAILED, JobState.CANCELLED):
+        return JobFailedError(f"job {rec.id}: {rec.state.value}: {rec.message}")
+    return None
+
+
+def wait_for(
+    rec: JobRecord, get: Callable[[str], JobRecord], *, timeout_s: float | None, poll_s: float
+) -> JobRecord:
+    """Poll ``get`` until the job has ended: its record if it SUCCEEDED, else :class:`JobFailedError`;
+    :class:`JobNotFinishedError` once ``timeout_s`` has passed (the CLI's and the API client's ``wait``)."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while rec.state not in TERMINAL:
+        if deadline is not None and time.monotonic() >= deadline:
+            raise JobNotFinishedError(
+                f"job {rec.id}: still {rec.state.value} after {timeout_s:g} s; wait longer or "
+                f"`alexnet-dist watch {rec.id}`"
+            )
+        time.sleep(poll_s if deadline is None else max(0.0, min(poll_s, deadline - time.monotonic())))
+        rec = get(rec.id)
+    error = outcome_error(rec)
+    if error is not None:
+        raise error
+    return rec
+
+
+def follow_text(read: Callable[[], str], ended: Callable[[], bool], *, poll_s: float) -> Iterator[str]:
+    """A growing text (a Ray Job's log): what is there, then each new part, until ``ended()``; one last
+    read after the end so the final lines are not lost. A cluster error before the end is taken as "no
+    log yet" (a queued job has no Ray Job)."""
+    sent = 0
+    while True:
+        done = ended()
+        try:
+            text = read()
+        except ClusterError:
+            if done:
+                raise
+            text = ""
+        if len(text) > sent:
+            yield text[sent:]
+            sent = len(text)
+        if done:
+            return
+        time.sleep(poll_s)
 
 
 def check_data(spec: JobSpec, *, endpoint_url: str | None) -> None:
@@ -84,36 +142,63 @@ class JobService:
         """Jobs in submission order (newest last), optionally only of ``state``, only the newest ``limit``."""
         return self.store.list(state, limit=limit)
 
-    def get(self, job_id: str) -> JobRecord:
-        return self.store.get(job_id)
+    def resolve(self, ref: str, *, visible: Callable[[JobRecord], bool] | None = None) -> JobRecord:
+        """The job ``ref`` names: its id, a prefix of one id, or a name only one job has (as ``kubectl``
+        and ``docker`` take a unique prefix). ``visible`` limits the candidates (a server's caller may
+        not learn other teams' ids from an "ambiguous" message)."""
+        try:
+            rec = self.store.get(ref)
+            if visible is None or visible(rec):
+                return rec
+        except JobNotFoundError:
+            pass
+        ids = [i for i in self.store.ids() if i != ref and (i.startswith(ref) or i.rsplit("-", 1)[0] == ref)]
+        found = [r for r in self.store.records(ids) if visible is None or visible(r)]
+        if len(found) == 1:
+            return found[0]
+        if not found:
+            raise JobNotFoundError(f"job {ref}: not found; check the id with `alexnet-dist list`")
+        shown = ", ".join(r.id for r in found[:10]) + (
+            f" and {len(found) - 10} more" if len(found) > 10 else ""
+        )
+        raise AmbiguousJobError(
+            f"job {ref}: ambiguous, {len(found)} jobs match ({shown}); give more of the id"
+        )
 
-    def cancel(self, job_id: str) -> JobRecord:
+    def get(self, ref: str) -> JobRecord:
+        return self.resolve(ref)
+
+    def cancel(self, ref: str) -> JobRecord:
         """Cancel at once if queued; otherwise flag it, and the dispatcher stops its Ray Job."""
-        return self.store.cancel(job_id)
+        return self.store.cancel(self.resolve(ref).id)
 
-    def resume(self, job_id: str) -> JobRecord:
+    def resume(self, ref: str) -> JobRecord:
         """Queue a FAILED or CANCELLED job again as a new attempt; it continues from its newest checkpoint."""
-        return self.store.resume(job_id)
+        return self.store.resume(self.resolve(ref).id)
 
-    def result(self, job_id: str) -> dict[str, Any]:
-        """The final result with ``job_id``; a :class:`QueueError` until the job has SUCCEEDED."""
-        rec = self.store.get(job_id)
-        if rec.state is not JobState.SUCCEEDED or rec.result is None:
-            raise QueueError(
-                f"job {job_id}: {rec.state.value}, no result yet; "
-                f"follow it with `alexnet-dist watch {job_id}`"
-            )
-        return {"job_id": rec.id, **rec.result}
+    def result(self, ref: str) -> dict[str, Any]:
+        """The final result; :class:`JobFailedError` if the job failed or was cancelled,
+        :class:`JobNotFinishedError` while it has not ended."""
+        rec = self.resolve(ref)
+        if rec.state is JobState.SUCCEEDED and rec.result is not None:
+            return {"job_id": rec.id, **rec.result}
+        raise outcome_error(rec) or JobNotFinishedError(
+            f"job {rec.id}: {rec.state.value}, no result yet; follow it with `alexnet-dist watch {rec.id}`"
+        )
 
-    def watch(self, job_id: str, *, follow: bool = True, after: str = "0-0") -> Iterator[tuple[str, dict]]:
+    def wait(self, ref: str, *, timeout_s: float | None = None, poll_s: float = 1.0) -> JobRecord:
+        """Block until the job has ended; its record (SUCCEEDED) or :class:`JobFailedError`;
+        :class:`JobNotFinishedError` when ``timeout_s`` passes first."""
+        return wait_for(self.resolve(ref), self.store.get, timeout_s=timeout_s, poll_s=poll_s)
+
+    def watch(self, ref: str, *, follow: bool = True, after: str = "0-0") -> Iterator[tuple[str, dict]]:
         """The job's events as (stream entry id, event): its stream after ``after``, then, when following,
         new ones until the job has ended. Safe to stop and start again (pass the last id as ``after``).
 
         An unknown job raises here, before any event. (The HTTP server streams with
         :func:`~alexnet_dist.service.events.follow_events`, its asyncio twin.)
         """
-        self.store.get(job_id)
-        return self._events(job_id, follow, after)
+        return self._events(self.resolve(ref).id, follow, after)
 
     def _events(self, job_id: str, follow: bool, after: str) -> Iterator[tuple[str, dict]]:
         last = after
@@ -136,14 +221,26 @@ class JobService:
                 yield from drain(None)  # the end's state event is written with the state: read it too
                 return
 
-    def logs(self, job_id: str, *, attempt: int | None = None) -> str:
+    def logs(self, ref: str, *, attempt: int | None = None) -> str:
         """The driver log of the job's Ray Job for ``attempt`` (default: the current one)."""
-        rec = self.store.get(job_id)
+        rec = self.resolve(ref)
+        return self._cluster().logs(f"{rec.id}-{attempt or rec.attempt}")
+
+    def follow_logs(self, ref: str, *, poll_s: float = 2.0) -> Iterator[str]:
+        """The current attempt's log as it grows, until the job has ended."""
+        rec = self.resolve(ref)
+        return follow_text(
+            lambda: self._cluster().logs(rec.submission_id),
+            lambda: self.store.get(rec.id).state in TERMINAL,
+            poll_s=poll_s,
+        )
+
+    def _cluster(self) -> Launcher:
         if self._launcher is None:
             if self._make_launcher is None:
                 raise ConfigError("job logs: no cluster to read them from; pass a launcher to JobService")
             self._launcher = self._make_launcher()
-        return self._launcher.logs(f"{rec.id}-{attempt or rec.attempt}")
+        return self._launcher
 
     # -- what a Ray Job's driver does ------------------------------------------------------------------
 

@@ -412,6 +412,14 @@ class JobStore:
         hashes = self._call(pipe.execute)
         return [JobRecord.from_hash(h) for h in hashes if h]
 
+    def ids(self) -> list[str]:
+        """Every job id, in submission order."""
+        return self._call(self.client.zrange, self.keys.index, 0, -1)
+
+    def records(self, ids: list[str]) -> list[JobRecord]:
+        """The records of ``ids`` that exist, in that order (one round trip)."""
+        return self._get_many(ids)
+
     def list(self, state: JobState | None = None, *, limit: int | None = None) -> list[JobRecord]:
         """Jobs in submission order (newest last), optionally of one state."""
         ids = self._call(self.client.zrange, self.keys.index, 0, -1)

@@ -178,7 +178,7 @@ def test_every_endpoint(api: ApiServer, manifests: tuple[str, str]) -> None:
     status, err = call(api, "GET", f"/api/v1/jobs/{jid}/result", token=alice)
     assert status == 409 and err == {
         "error": f"job {jid}: QUEUED, no result yet; follow it with `alexnet-dist watch {jid}`",
-        "kind": "QueueError",
+        "kind": "JobNotFinishedError",
     }
 
     # cancel, then cancel again (409), resume as attempt 2

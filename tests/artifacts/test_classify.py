@@ -189,7 +189,7 @@ def test_unknown_model_says_what_model_may_be(tmp_path, redis_url) -> None:
         env={**os.environ, **env},
         timeout=120,
     )
-    assert proc.returncode == NotFoundError.exit_code == 1
+    assert proc.returncode == NotFoundError.exit_code == 5
     assert (
         proc.stderr.strip()
         .splitlines()[-1]

@@ -98,7 +98,8 @@ def test_read_events_resumes_after_the_last_id_and_blocks_for_new(redis_url: str
 
 def _finished_job(redis_url: str) -> str:
     queue = JobStore(connect(redis_url), prefix=PREFIX)
-    spec = parse_spec({"name": "w", "data": {"train": "a.json", "val": "b.json"}})
+    spec = parse_spec({"name": "w", "data": {"train": "a.json", "val": "b.json"},
+                       "scaling": {"workers": 1, "devices": "cpu"}})  # fmt: skip
     rec, _ = queue.submit(spec)
     assert queue.transition(rec, JobState.LAUNCHING, message="launching")
     rec = queue.get(rec.id)
@@ -143,9 +144,9 @@ def test_watch_renders_progress_and_result_prints_top5(redis_url: str) -> None:
 
 def test_cli_errors_are_one_line(redis_url: str) -> None:
     missing = _cli(redis_url, "status", "nope")
-    assert missing.returncode == 1
+    assert missing.returncode == 5  # not found
     assert missing.stderr.strip().splitlines()[-1] == (
         "alexnet-dist: error: job nope: not found; check the id with `alexnet-dist list`"
     )
     down = _cli(f"redis://127.0.0.1:{free_port()}/0", "list")
-    assert down.returncode == 1 and "Redis unreachable" in down.stderr and "Traceback" not in down.stderr
+    assert down.returncode == 6 and "Redis unreachable" in down.stderr and "Traceback" not in down.stderr

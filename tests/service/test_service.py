@@ -205,6 +205,14 @@ def test_submit_dispatch_watch_result_and_results_channel(service: Service, shar
     t0 = time.monotonic()
     job_id = service.submit(f"data.train={shards['train']}", f"data.val={shards['test']}")
     watcher = service.watch(job_id)
+    follower = subprocess.Popen(
+        [str(CLI), "logs", job_id, "--follow"],
+        env=service.env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         out, err = watcher.communicate(timeout=FIT_TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -246,9 +254,35 @@ def test_submit_dispatch_watch_result_and_results_channel(service: Service, shar
     run_dir = service.storage / job_id
     assert res["model_url"] == f"file://{run_dir}/model.pt" and (run_dir / "model.pt").stat().st_size > 0
     assert service.launcher.status(f"{job_id}-1").state == "SUCCEEDED"
-    assert f"{job_id}: stored result" in service.cli("logs", job_id).stdout
+    full_log = service.cli("logs", job_id).stdout
+    assert f"{job_id}: stored result" in full_log
+    # `logs --follow`, started at submit, printed the log as it grew and ended with the job
+    followed, _ = follower.communicate(timeout=120)
+    assert follower.returncode == 0 and f"{job_id}: stored result" in followed
+    assert followed.splitlines()[-1] == full_log.splitlines()[-1]
+    tail = service.cli("logs", job_id, "--tail", "3").stdout
+    assert tail.splitlines() == full_log.splitlines()[-3:]
     top1, top5 = res["top1_error"], res["top5_error"]
     print(f"\nsmoke job: {seconds:.1f}s from submit to the end of watch; top-1 {top1:.4f} top-5 {top5:.4f}")
+
+
+@pytest.mark.slow
+def test_train_json_prints_only_the_result_on_stdout(service: Service, shards: dict[str, str]) -> None:
+    """`alexnet-dist train SPEC --json | jq`: the Ray workers' log lines go to stderr, not stdout."""
+    sets = [
+        "--set",
+        f"data.train={shards['train']}",
+        "--set",
+        f"data.val={shards['test']}",
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "train.ten_crop_eval=false",
+    ]
+    proc = service.cli("train", str(SMOKE), *sets, "--run-name", "json-only", "--json", timeout=FIT_TIMEOUT_S)
+    result = json.loads(proc.stdout)  # the whole of stdout is one JSON object
+    assert result["epochs"] == 1 and result["steps"] == 16 and 0 < result["top1_error"] < 1
+    assert "[alexnet-dist]" in proc.stderr  # the workers' metric lines, forwarded by Ray, are on stderr
 
 
 @pytest.mark.slow

@@ -3,7 +3,7 @@
 The splits and their samples come from :mod:`alexnet_dist.data.build.sources`. A split is written as
 ``OUT/<dataset>-<split>-000000.tar ...`` with ``OUT/<dataset>-<split>.json`` (Fashion-MNIST:
 ``OUT/fashion-mnist-train.json`` and ``OUT/fashion-mnist-test.json``); copies of the manifests go to
-``manifest_dir`` (the repo's ``shards/``). The demo stores Fashion-MNIST as 36x36 RGB (``resize_to=36``:
+``manifest_dir`` only when one is given. The demo stores Fashion-MNIST as 36x36 RGB (``resize_to=36``:
 28 upscaled bilinearly, grey copied to R, G and B) so the small preset can crop 32x32.
 
 Every sample is ``<key>.cls`` (label, ASCII), ``<key>.jpg`` and ``<key>.json`` (origin), under the stable,
