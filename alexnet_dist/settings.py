@@ -42,6 +42,8 @@ class Settings:
     server_url: str | None = None
     token: str | None = None
     credentials_path: str = ""  # $XDG_CONFIG_HOME/alexnet-dist/credentials.json (~/.config by default)
+    mlflow_tracking_uri: str | None = None  # MLFLOW_TRACKING_URI: log runs to MLflow (the mlflow extra)
+    mlflow_experiment: str | None = None  # MLFLOW_EXPERIMENT_NAME (default "alexnet-dist")
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -123,6 +125,8 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         server_url=server,
         token=env.get("ALEXNET_DIST_TOKEN") or stored_token(credentials, server),
         credentials_path=credentials,
+        mlflow_tracking_uri=env.get("MLFLOW_TRACKING_URI") or None,
+        mlflow_experiment=env.get("MLFLOW_EXPERIMENT_NAME") or None,
     )
 
 

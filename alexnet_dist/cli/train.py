@@ -68,12 +68,11 @@ def _stdout_for_json_only() -> TextIO:
     the Ray workers' log lines Ray forwards to this driver included, goes to stderr (fd 1 is pointed at
     fd 2), so ``train --json | jq`` reads one JSON object."""
     real = sys.stdout
-    sys.stdout = sys.stderr
     try:
-        fd = real.fileno()
-    except (AttributeError, OSError, ValueError):  # not a file descriptor (a test runner's buffer)
+        fd, err_fd = real.fileno(), sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # not file descriptors (a test runner's buffers)
         return real
     real.flush()
     saved = os.dup(fd)
-    os.dup2(sys.stderr.fileno(), fd)
+    os.dup2(err_fd, fd)  # sys.stdout, Ray's forwarding and C code all write to fd 1: now stderr
     return os.fdopen(saved, "w")

@@ -58,6 +58,10 @@ def job_env(settings: Settings) -> dict[str, str]:
         env["AWS_ENDPOINT_URL"] = settings.s3_endpoint_url
     if settings.aws_region:
         env["AWS_REGION"] = settings.aws_region
+    if settings.mlflow_tracking_uri:  # the dispatcher's MLflow server is the jobs' too
+        env["MLFLOW_TRACKING_URI"] = settings.mlflow_tracking_uri
+        if settings.mlflow_experiment:
+            env["MLFLOW_EXPERIMENT_NAME"] = settings.mlflow_experiment
     return env
 
 

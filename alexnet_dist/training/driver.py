@@ -108,6 +108,8 @@ def worker_config(
         "model_url": f"{store.url}/{run_name}/model.pt",
         "backend": process_group_backend(spec),
         "fault": fault,
+        "mlflow_tracking_uri": settings.mlflow_tracking_uri,
+        "mlflow_experiment": settings.mlflow_experiment,
     }
     return config, store
 

@@ -90,7 +90,9 @@ def test_a_local_run_resumes_after_a_crash_to_the_same_weights(smoke_data, tmp_p
     )
     died = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert died.returncode == 1 and marker.read_text() == "11"  # a real process death at step 11
-    runs = sorted(p.name for p in (tmp_path / "crash" / "smoke").iterdir())
+    runs = sorted(
+        p.name for p in (tmp_path / "crash" / "smoke").iterdir() if p.name.startswith("checkpoint_")
+    )
     assert runs[-1].startswith("checkpoint_0000000009_")  # the newest checkpoint: step 9 of 16
 
     cli = CliRunner().invoke(
