@@ -1,11 +1,12 @@
 """Caffe's bvlc_alexnet (a binary ``.caffemodel``) read into the two-tower AlexNet.
 
 A ``.caffemodel`` is one protobuf ``NetParameter`` (Caffe's ``src/caffe/proto/caffe.proto``): the layers
-with their parameters *and* their weight blobs. No compiled ``caffe_pb2`` is available, so the protobuf
-wire format is decoded by hand (:mod:`alexnet_dist.interop.protowire`), one message level at a time, keeping
-weight arrays as zero-copy numpy views of the file's bytes. It reads both layer encodings: ``layer``
-(field 100, string types) and the older ``layers`` (field 2, ``V1LayerParameter`` with enum types, which
-is how bvlc_alexnet was saved).
+with their parameters *and* their weight blobs. The protobuf wire format is decoded by hand
+(:mod:`alexnet_dist.interop.protowire`), one message level at a time, keeping weight arrays as zero-copy
+numpy views of the file's bytes; the protobuf library would copy the 61M weights into its own arrays and
+again into numpy, and is slower at it (``bench/caffe_import.py`` times both). It reads both layer
+encodings: ``layer`` (field 100, string types) and the older ``layers`` (field 2, ``V1LayerParameter``
+with enum types, which is how bvlc_alexnet was saved).
 
 Everything the network's shape depends on (kernels, strides, pads, groups, pooling, LRN size, alpha,
 beta and k, dropout, the crop size) is read from the file; the layout must be AlexNet's, and anything

@@ -9,6 +9,7 @@ network must compute what Caffe computes, checked against a plain re-statement o
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import struct
@@ -299,6 +300,49 @@ def test_renamed_layers_map_by_position(tmp_path: Path, tiny_weights: dict[str, 
     layers[-1]["bottom"] = ["fc8_flickr", "label"]
     _, meta = load_caffemodel(write_caffemodel(tmp_path / "ft.caffemodel", layers))
     assert meta["source"]["layers"]["fc8"] == "fc8_flickr"
+
+
+def bench_module() -> Any:
+    """bench/caffe_import.py (a script, so loaded by path): the protobuf library's reader it times."""
+    spec = importlib.util.spec_from_file_location(
+        "bench_caffe_import", Path(__file__).parents[2] / "bench" / "caffe_import.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("v1", [False, True], ids=["layer-V2", "layers-V1"])
+def test_protobuf_library_reads_what_the_hand_decoder_reads(
+    tmp_path: Path, tiny_weights: dict[str, Any], v1: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The benchmark compares like with like: the library's parse gives the same net and model bit for bit."""
+    pytest.importorskip("google.protobuf")
+    from alexnet_dist.interop import caffe
+
+    library_read = bench_module().protobuf_reader()
+    path = tiny_file(tmp_path, tiny_weights, v1=v1)
+    hand, library = read_caffemodel(path), library_read(path)
+    assert (library.name, library.encoding, library.input_dims, library.sha256) == (
+        hand.name, hand.encoding, hand.input_dims, hand.sha256,
+    )  # fmt: skip
+    assert len(library.layers) == len(hand.layers) == 24
+    for ours, theirs in zip(hand.layers, library.layers, strict=True):
+        assert (theirs.name, theirs.type, theirs.bottoms, theirs.tops) == (
+            ours.name, ours.type, ours.bottoms, ours.tops,
+        )  # fmt: skip
+        assert sorted(theirs.params) == sorted(ours.params)
+        assert len(theirs.blobs) == len(ours.blobs)
+        for a, b in zip(ours.blobs, theirs.blobs, strict=True):
+            assert a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
+    model, meta = load_caffemodel(path)
+    monkeypatch.setattr(caffe, "read_caffemodel", library_read)
+    library_model, library_meta = load_caffemodel(path)
+    assert library_meta == meta
+    state, library_state = model.state_dict(), library_model.state_dict()
+    assert list(library_state) == list(state)
+    assert all(torch.equal(library_state[k], state[k]) for k in state)
 
 
 # --------------------------------------------------------------------------------------------------
