@@ -294,3 +294,11 @@ def test_shards_build_writes_manifests_only_beside_the_shards(
     assert proc.returncode == 0, proc.stderr
     assert (out / "fashion-mnist-test.json").exists()
     assert list(cwd.iterdir()) == []  # no ./shards/ copy in whatever directory it ran in
+
+
+def test_every_jobs_file_the_help_and_the_readme_suggest_exists(redis_url: str) -> None:
+    named = set(re.findall(r"jobs/[\w.-]+\.toml", run(redis_url, "submit", "--help", COLUMNS="300").stdout))
+    named |= set(re.findall(r"jobs/[\w.-]+\.toml", (ROOT / "README.md").read_text()))
+    assert "jobs/fashion-mnist.toml" in named
+    missing = sorted(n for n in named if not (ROOT / n).exists())
+    assert not missing, missing
