@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from alexnet_dist.spec import JobSpec, parse_spec
@@ -25,3 +26,17 @@ def cpu_spec(train: str, val: str, storage: str, **overrides: Any) -> JobSpec:
         section, _, key = path.partition("__")
         data[section] = {**data[section], key: value} if key else value
     return parse_spec(data)
+
+
+def spec_file(tmp_path: Path, name: str) -> Path:
+    """A TOML spec of one CPU worker, small preset, on two manifests of 10 classes and no shards (what
+    `submit` checks), as a user writes one: for tests of the CLI that never train it."""
+    from shardkit import write_manifest
+
+    train, val = write_manifest(tmp_path / "train.json", 10), write_manifest(tmp_path / "val.json", 10)
+    path = tmp_path / "job.toml"
+    path.write_text(
+        f'name = "{name}"\nseed = 1\n[data]\ntrain = "{train}"\nval = "{val}"\n'
+        '[model]\npreset = "small"\nnum_classes = 10\n[scaling]\nworkers = 1\ndevices = "cpu"\n'
+    )
+    return path

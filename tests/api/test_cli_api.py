@@ -20,22 +20,12 @@ from pathlib import Path
 
 import pytest
 from apiserver import ApiServer
-from shardkit import write_manifest
+from jobspecs import spec_file
 
 from alexnet_dist.service.events import job_publisher
 from alexnet_dist.service.store import JobState, JobStore
 
 CLI = Path(sys.executable).parent / "alexnet-dist"
-
-
-def _spec_file(tmp_path: Path) -> Path:
-    train, val = write_manifest(tmp_path / "train.json", 10), write_manifest(tmp_path / "val.json", 10)
-    path = tmp_path / "job.toml"
-    path.write_text(
-        f'name = "parity"\nseed = 1\n[data]\ntrain = "{train}"\nval = "{val}"\n'
-        '[model]\npreset = "small"\nnum_classes = 10\n[scaling]\nworkers = 1\ndevices = "cpu"\n'
-    )
-    return path
 
 
 class Both:
@@ -122,7 +112,7 @@ def _ids(text: str) -> str:
 
 def test_submit_watch_result_print_the_same_and_exit_the_same(api: ApiServer, tmp_path: Path) -> None:
     both = Both(api, tmp_path)
-    spec = _spec_file(tmp_path)
+    spec = spec_file(tmp_path, "parity")
     store = api.store
 
     # submit: the same line and the same JSON (but for the job's id and times)

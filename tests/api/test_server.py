@@ -30,7 +30,7 @@ from alexnet_dist.errors import (
     UnreachableError,
 )
 from alexnet_dist.service.events import job_publisher, read_events
-from alexnet_dist.service.store import JobState
+from alexnet_dist.service.store import JobRecord, JobState, JobStore
 from alexnet_dist.spec import JobSpec
 
 CLI = Path(sys.executable).parent / "alexnet-dist"
@@ -385,6 +385,16 @@ def test_no_token_a_wrong_one_and_a_revoked_one(api: ApiServer) -> None:
     assert call(api, "GET", "/api/v1/whoami", token=token)[0] == 401
 
 
+def _running(api: ApiServer, spec: JobSpec) -> tuple[str, JobStore, JobRecord]:
+    """alice's token and a job of hers the dispatcher launched (QUEUED -> LAUNCHING -> RUNNING)."""
+    token = api.add_user("alice", "vision")
+    store = api.store
+    rec, _ = store.submit(spec, user="alice", team="vision")
+    assert store.transition(rec, JobState.LAUNCHING, message="launching")
+    assert store.transition(store.get(rec.id), JobState.RUNNING, message="running")
+    return token, store, store.get(rec.id)
+
+
 def _publish_steps(api: ApiServer, job_id: str, n: int) -> None:
     pub = job_publisher(api.redis_url, api.store.keys, job_id)
     for i in range(n):
@@ -414,11 +424,7 @@ def _read_sse(resp: http.client.HTTPResponse, stop_after: int | None = None) -> 
 
 
 def test_events_in_order_and_resumed_after_a_dropped_connection(api: ApiServer, spec: JobSpec) -> None:
-    token = api.add_user("alice", "vision")
-    store = api.store
-    rec, _ = store.submit(spec, user="alice", team="vision")
-    assert store.transition(rec, JobState.LAUNCHING, message="launching")
-    assert store.transition(store.get(rec.id), JobState.RUNNING, message="running")
+    token, store, rec = _running(api, spec)
     _publish_steps(api, rec.id, 40)
 
     parts = urlsplit(api.url)
@@ -462,11 +468,7 @@ def test_events_in_order_and_resumed_after_a_dropped_connection(api: ApiServer, 
 
 def test_the_client_watches_through_a_connection_cut_mid_stream(api: ApiServer, spec: JobSpec) -> None:
     """The CLI's client reconnects with Last-Event-ID when the network drops its event stream."""
-    token = api.add_user("alice", "vision")
-    store = api.store
-    rec, _ = store.submit(spec, user="alice", team="vision")
-    assert store.transition(rec, JobState.LAUNCHING, message="launching")
-    assert store.transition(store.get(rec.id), JobState.RUNNING, message="running")
+    token, store, rec = _running(api, spec)
     _publish_steps(api, rec.id, 60)
     proxy = CuttingProxy(api.url, cut_after=3000, cuts=2)  # two cuts, each a few events into a stream
     try:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import free_port
-from shardkit import write_manifest
+from jobspecs import spec_file
 
 from alexnet_dist.errors import (
     AmbiguousJobError,
@@ -42,18 +42,12 @@ def run(redis_url: str, *args: str, timeout: float = 60, **env: str) -> subproce
 
 
 @pytest.fixture
-def spec_file(tmp_path: Path) -> Path:
-    train, val = write_manifest(tmp_path / "train.json", 10), write_manifest(tmp_path / "val.json", 10)
-    path = tmp_path / "job.toml"
-    path.write_text(
-        f'name = "habit"\n[data]\ntrain = "{train}"\nval = "{val}"\n'
-        '[model]\npreset = "small"\nnum_classes = 10\n[scaling]\nworkers = 1\ndevices = "cpu"\n'
-    )
-    return path
+def habit_spec(tmp_path: Path) -> Path:
+    return spec_file(tmp_path, "habit")
 
 
-def submit(redis_url: str, spec_file: Path, *args: str) -> str:
-    proc = run(redis_url, "submit", str(spec_file), "--json", *args)
+def submit(redis_url: str, habit_spec: Path, *args: str) -> str:
+    proc = run(redis_url, "submit", str(habit_spec), "--json", *args)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)["id"]
 
@@ -101,8 +95,8 @@ def drive(redis_url: str, job_id: str, end: JobState, *, epochs: int = 3, delay:
     assert store.transition(store.get(job_id), end, message=message)
 
 
-def test_exit_codes_tell_the_outcome(redis_url: str, spec_file: Path, tmp_path: Path) -> None:
-    ok, failed, queued, cancelled = (submit(redis_url, spec_file) for _ in range(4))
+def test_exit_codes_tell_the_outcome(redis_url: str, habit_spec: Path, tmp_path: Path) -> None:
+    ok, failed, queued, cancelled = (submit(redis_url, habit_spec) for _ in range(4))
     drive(redis_url, ok, JobState.SUCCEEDED)
     drive(redis_url, failed, JobState.FAILED)
     assert run(redis_url, "cancel", cancelled).returncode == 0
@@ -146,7 +140,7 @@ def test_exit_codes_tell_the_outcome(redis_url: str, spec_file: Path, tmp_path: 
     assert code("status", "--bogus-option")[0] == 2  # usage errors too
 
 
-def test_submit_follow_exits_with_the_jobs_outcome(redis_url: str, spec_file: Path) -> None:
+def test_submit_follow_exits_with_the_jobs_outcome(redis_url: str, habit_spec: Path) -> None:
     """`submit --follow && deploy` must not deploy a failed model."""
     store = JobStore(connect(redis_url))
     for end, expected in ((JobState.FAILED, 3), (JobState.SUCCEEDED, 0)):
@@ -160,7 +154,7 @@ def test_submit_follow_exits_with_the_jobs_outcome(redis_url: str, spec_file: Pa
 
         t = threading.Thread(target=drive_new)
         t.start()
-        proc = run(redis_url, "submit", str(spec_file), "--follow")
+        proc = run(redis_url, "submit", str(habit_spec), "--follow")
         t.join()
         assert proc.returncode == expected, (end, proc.stdout, proc.stderr)
         lines = proc.stdout.splitlines()
@@ -169,8 +163,8 @@ def test_submit_follow_exits_with_the_jobs_outcome(redis_url: str, spec_file: Pa
         assert sum(line.startswith("epoch ") and " done: " in line for line in lines) == 3
 
 
-def test_watch_in_a_pipe_prints_plain_lines_as_the_run_moves(redis_url: str, spec_file: Path) -> None:
-    job = submit(redis_url, spec_file)
+def test_watch_in_a_pipe_prints_plain_lines_as_the_run_moves(redis_url: str, habit_spec: Path) -> None:
+    job = submit(redis_url, habit_spec)
     watcher = subprocess.Popen(
         [str(CLI), "watch", job, "--step-lines", "5"],
         env={**os.environ, "ALEXNET_DIST_REDIS_URL": redis_url},
@@ -196,12 +190,12 @@ def test_watch_in_a_pipe_prints_plain_lines_as_the_run_moves(redis_url: str, spe
 
 
 def test_a_job_is_named_by_its_id_a_unique_prefix_or_a_unique_name(
-    redis_url: str, spec_file: Path, tmp_path: Path
+    redis_url: str, habit_spec: Path, tmp_path: Path
 ) -> None:
-    first = submit(redis_url, spec_file)
+    first = submit(redis_url, habit_spec)
     assert json.loads(run(redis_url, "status", first[:-4], "--json").stdout)["id"] == first
     assert json.loads(run(redis_url, "status", "habit", "--json").stdout)["id"] == first  # the only one
-    second = submit(redis_url, spec_file)
+    second = submit(redis_url, habit_spec)
     ambiguous = run(redis_url, "status", "habit")
     assert ambiguous.returncode == AmbiguousJobError.exit_code == 2
     assert ambiguous.stderr.startswith("alexnet-dist: error: job habit: ambiguous, 2 jobs match (")
@@ -213,7 +207,7 @@ def test_a_job_is_named_by_its_id_a_unique_prefix_or_a_unique_name(
     assert run(redis_url, "status", "hab-nothing").returncode == 5
 
 
-def test_version_completion_quiet_and_no_color(redis_url: str, spec_file: Path) -> None:
+def test_version_completion_quiet_and_no_color(redis_url: str, habit_spec: Path) -> None:
     from alexnet_dist.cli.app import version
 
     assert run(redis_url, "--version").stdout == f"alexnet-dist {version()}\n"
@@ -222,9 +216,9 @@ def test_version_completion_quiet_and_no_color(redis_url: str, spec_file: Path) 
     )
     assert completed.stdout.split() == ["watch", "wait"] or set(completed.stdout.split()) == {"watch", "wait"}
     colour = re.compile(r"\x1b\[[0-9;]*3[0-7]m")
-    coloured = run(redis_url, "submit", str(spec_file), FORCE_COLOR="1")
+    coloured = run(redis_url, "submit", str(habit_spec), FORCE_COLOR="1")
     assert colour.search(coloured.stdout), coloured.stdout
-    plain = run(redis_url, "submit", str(spec_file), FORCE_COLOR="1", NO_COLOR="1")
+    plain = run(redis_url, "submit", str(habit_spec), FORCE_COLOR="1", NO_COLOR="1")
     assert plain.returncode == 0 and not colour.search(plain.stdout), plain.stdout
 
     # -v: this package's debug lines on stderr; -q: none below warnings; stdout the same either way
@@ -234,13 +228,13 @@ def test_version_completion_quiet_and_no_color(redis_url: str, spec_file: Path) 
     assert verbose.stdout == normal.stdout == quiet.stdout and len(json.loads(quiet.stdout)) == 2
 
 
-def test_store_commands_import_neither_torch_nor_ray(redis_url: str, spec_file: Path) -> None:
-    job = submit(redis_url, spec_file)
+def test_store_commands_import_neither_torch_nor_ray(redis_url: str, habit_spec: Path) -> None:
+    job = submit(redis_url, habit_spec)
     code = (
         "import sys\n"
         "from typer.testing import CliRunner\n"
         "from alexnet_dist.cli import app\n"
-        f"for args in (['list'], ['status', {job!r}], ['submit', {str(spec_file)!r}], ['result', {job!r}],\n"
+        f"for args in (['list'], ['status', {job!r}], ['submit', {str(habit_spec)!r}], ['result', {job!r}],\n"
         f"             ['watch', {job!r}, '--no-follow'], ['cancel', {job!r}]):\n"
         "    r = CliRunner().invoke(app, args)\n"
         "    not_finished = type(r.exception).__name__ == 'JobNotFinishedError'  # result of a queued job\n"
