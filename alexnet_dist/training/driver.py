@@ -171,8 +171,9 @@ def run_training(
     import ray
 
     if not ray.is_initialized():
+        address = ray_address(settings)
         try:
-            ray.init(address=settings.ray_address, log_to_driver=True, configure_logging=False)
+            ray.init(address=address, log_to_driver=True, configure_logging=False)
         except (ConnectionError, RuntimeError) as err:
             raise ClusterError(
                 f"Ray at {settings.ray_address or 'local'}: cannot connect ({err}); "
@@ -197,6 +198,31 @@ def run_training(
     if result.error is not None:
         raise ClusterError(f"training run {run_name!r} failed: {result.error}")
     return result_from_metrics(result.metrics, time.perf_counter() - t0, _checkpoint_url(result.checkpoint))
+
+
+def ray_address(settings: Settings, *, timeout_s: float = 5.0) -> str:
+    """What ``ray.init`` is given: ``"local"`` (a fresh local Ray) without RAY_ADDRESS, whatever an
+    earlier cluster left in /tmp/ray/ray_current_cluster (Ray would join that address, even a dead
+    one, and retry for minutes); with RAY_ADDRESS, that address once a TCP connection to it succeeds
+    within ``timeout_s``, else a :class:`ClusterError` naming it."""
+    import socket
+
+    if not settings.ray_address:
+        return "local"
+    if settings.ray_address in ("auto", "local") or settings.ray_address.startswith("ray://"):
+        return settings.ray_address  # Ray's own lookup, or a Ray Client address it bounds itself
+    host, _, port = settings.ray_address.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s):
+            pass
+    except ValueError:
+        raise ClusterError(f"RAY_ADDRESS={settings.ray_address!r}: not host:port") from None
+    except OSError as err:
+        raise ClusterError(
+            f"Ray at {settings.ray_address}: nothing answers ({err.strerror or err}); check RAY_ADDRESS, "
+            "start a head with `ray start --head`, or unset RAY_ADDRESS for a local Ray"
+        ) from None
+    return settings.ray_address
 
 
 def result_from_metrics(metrics: dict[str, Any], seconds: float, checkpoint_url: str | None) -> TrainResult:
