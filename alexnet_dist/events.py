@@ -8,6 +8,8 @@ is told the stream and channel names; it does not know how the service names its
 
 from __future__ import annotations
 
+import collections
+import itertools
 import json
 import logging
 import time
@@ -24,7 +26,8 @@ log = logging.getLogger(__name__)
 # About 100k entries per job: a 90-epoch ImageNet run logging every 50 steps writes ~18k step events
 # (1.28M images / batch 128 / 50 * 90), so the bound only trims runaway logging, never a real run.
 STREAM_MAXLEN = 100_000
-_RECONNECT_AFTER_S = 5.0  # after a failure, the publisher drops events for this long before reconnecting
+_RECONNECT_AFTER_S = 5.0  # after a failure, the publisher buffers events this long before trying again
+_BUFFER_EVENTS = 10_000  # events kept during an outage: a run logging every 50 steps, for hours
 
 
 @dataclass(frozen=True)
@@ -90,11 +93,20 @@ def encode_event(event: dict[str, Any], *, now: float | None = None) -> str:
 class EventPublisher:
     """Publishes a job's events; never raises into training (a lost metric must not kill a run).
 
-    On a Redis error it logs one warning, drops events for a few seconds, then reconnects.
+    While Redis is unreachable, events wait in order in a bounded buffer (``buffer`` events; the oldest
+    are dropped, and counted in ``dropped``, once it is full) and the publisher tries again every
+    ``retry_after_s``; the first publish that reaches Redis delivers the buffer first, in order. Each
+    event keeps the ``time`` it happened, so a reader sees when, even if it arrived late.
     """
 
     def __init__(
-        self, redis_url: str, *, stream: str, channel: str, retry_after_s: float = _RECONNECT_AFTER_S
+        self,
+        redis_url: str,
+        *,
+        stream: str,
+        channel: str,
+        retry_after_s: float = _RECONNECT_AFTER_S,
+        buffer: int = _BUFFER_EVENTS,
     ) -> None:
         self._retry_after_s = retry_after_s
         self._url = redis_url
@@ -102,7 +114,13 @@ class EventPublisher:
         self._client: redis.Redis | None = None
         self._retry_at = 0.0
         self._failing = False
-        self.dropped = 0  # events lost to Redis errors, for the curious
+        self._pending: collections.deque[str] = collections.deque(maxlen=buffer)
+        self.dropped = 0  # events lost: not JSON-able, or pushed out of a full buffer during an outage
+
+    @property
+    def buffered(self) -> int:
+        """Events waiting for Redis to come back."""
+        return len(self._pending)
 
     def _connection(self) -> redis.Redis | None:
         import redis  # here, not at the top: a run without a job store (the local runner) needs no redis
@@ -118,25 +136,42 @@ class EventPublisher:
             log.warning("event %r not published: %s", event.get("type"), err)
             self.dropped += 1
             return
+        if len(self._pending) == self._pending.maxlen:
+            self.dropped += 1  # the deque drops the oldest on append
+        self._pending.append(data)
+        self.flush()
+
+    def flush(self) -> bool:
+        """Send what waits, in order; True when nothing is left waiting."""
+        if not self._pending:
+            return True
         client = self._connection()
         if client is None:
-            self.dropped += 1
-            return
+            return False
         try:
-            pipe = client.pipeline(transaction=False)
-            pipe.xadd(self._stream, {"data": data}, maxlen=STREAM_MAXLEN, approximate=True)
-            pipe.publish(self._channel, data)
-            pipe.execute()
+            while self._pending:
+                batch = list(itertools.islice(self._pending, 500))
+                pipe = client.pipeline(transaction=False)
+                for data in batch:
+                    pipe.xadd(self._stream, {"data": data}, maxlen=STREAM_MAXLEN, approximate=True)
+                    pipe.publish(self._channel, data)
+                pipe.execute()
+                for _ in batch:
+                    self._pending.popleft()
             if self._failing:
                 log.info("%s: event publishing to Redis works again", self._stream)
                 self._failing = False
+            return True
         except (_redis_errors(), OSError) as err:
-            self.dropped += 1
             if not self._failing:
-                log.warning("%s: events not published, Redis error (%s); retrying later", self._stream, err)
+                log.warning(
+                    "%s: events not published, Redis error (%s); keeping up to %d until it is back",
+                    self._stream, err, self._pending.maxlen,
+                )  # fmt: skip
                 self._failing = True
             self._drop_client()
             self._retry_at = time.monotonic() + self._retry_after_s
+            return False
 
     def _drop_client(self) -> None:
         if self._client is not None:
@@ -147,6 +182,12 @@ class EventPublisher:
             self._client = None
 
     def close(self) -> None:
+        """One last try to deliver what waits (the end of a run), then let go of the connection."""
+        self._retry_at = 0.0
+        if not self.flush() and self._pending:
+            log.warning("%s: %d events not delivered, Redis unreachable", self._stream, len(self._pending))
+            self.dropped += len(self._pending)
+            self._pending.clear()
         self._drop_client()
 
 

@@ -8,6 +8,7 @@ turns results into output and exceptions into exit codes or HTTP statuses.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -22,12 +23,15 @@ from alexnet_dist.errors import (
     JobNotFinishedError,
     JobNotFoundError,
     QueueError,
+    UnreachableError,
 )
 from alexnet_dist.events import YieldSignal
 from alexnet_dist.service.events import read_events
 from alexnet_dist.service.launcher import Launcher
 from alexnet_dist.service.store import TERMINAL, JobRecord, JobState, JobStore
 from alexnet_dist.spec import JobSpec
+
+log = logging.getLogger(__name__)
 
 __all__ = ["JobService", "check_data", "follow_text", "outcome_error", "wait_for"]
 
@@ -253,9 +257,22 @@ class JobService:
             )
         return rec
 
-    def store_result(self, job_id: str, result: dict[str, Any]) -> None:
-        """Keep the final result in the record and publish it on the results channel."""
-        self.store.store_result(job_id, result)
+    def store_result(self, job_id: str, result: dict[str, Any], *, retry_s: float = 900.0) -> None:
+        """Keep the final result in the record and publish it on the results channel. A run's result is
+        hours of work: while Redis is unreachable it is tried again (every few seconds, for up to
+        ``retry_s``) rather than lost; then :class:`UnreachableError`."""
+        deadline = time.monotonic() + retry_s
+        wait = 1.0
+        while True:
+            try:
+                self.store.store_result(job_id, result)
+                return
+            except UnreachableError as err:
+                if time.monotonic() + wait > deadline:
+                    raise
+                log.warning("job %s: result not stored yet (%s); trying again in %.0f s", job_id, err, wait)
+                time.sleep(wait)
+                wait = min(wait * 2, 15.0)
 
     def yield_signal(self, job_id: str, redis_url: str) -> YieldSignal:
         """Where the job's run hears that the dispatcher wants its room back (its record's field)."""

@@ -52,33 +52,50 @@ def test_publisher_appends_to_the_stream_and_the_live_channel(redis_url: str) ->
     assert [json.loads(m["data"])["step"] for m in live if m] == [1, 2, 3, 4, 5]
 
 
-def test_publisher_never_raises_and_reconnects_after_redis_returns(
+def test_publisher_keeps_events_through_a_redis_outage_and_delivers_them_in_order(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     server = start_redis(tmp_path, "--appendonly", "yes")
     pub = job_publisher(server.url, Keys(PREFIX), "j1", retry_after_s=0.2)
-    pub.publish(STEP)
+    pub.publish({**STEP, "step": 0})
     server.stop()
     with caplog.at_level(logging.WARNING, logger="alexnet_dist.events"):
-        for _ in range(10):
-            pub.publish(STEP)  # Redis is down: must not raise into training
+        for i in range(1, 11):
+            pub.publish({**STEP, "step": i})  # Redis is down: must not raise into training
             time.sleep(0.05)
-    assert pub.dropped == 10
+    assert (pub.dropped, pub.buffered) == (0, 10)
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1  # one warning, not ten
-    server.start()
+    server.start()  # the same data dir: AOF kept the event published before the outage
     time.sleep(0.3)
     pub.publish(FINAL)
     pub.close()
     events = [e for _, e in read_events(connect(server.url), Keys(PREFIX), "j1")]
-    assert [e["type"] for e in events] == ["step", "final"]
+    assert [e.get("step") for e in events] == [*range(11), None] and events[-1]["type"] == "final"
+    assert [e["time"] for e in events] == sorted(e["time"] for e in events)  # when each happened
+    server.stop()
+
+
+def test_a_full_outage_buffer_drops_the_oldest_and_counts_them(tmp_path: Path) -> None:
+    server = start_redis(tmp_path, "--appendonly", "yes")
+    pub = job_publisher(server.url, Keys(PREFIX), "j2", retry_after_s=0.0, buffer=5)
+    server.stop()
+    for i in range(8):
+        pub.publish({**STEP, "step": i})
+    assert (pub.dropped, pub.buffered) == (3, 5)
+    server.start()
+    pub.close()
+    events = [e for _, e in read_events(connect(server.url), Keys(PREFIX), "j2")]
+    assert [e["step"] for e in events] == [3, 4, 5, 6, 7]  # the newest kept, still in order
     server.stop()
 
 
 def test_publisher_to_a_dead_port_drops_quietly() -> None:
     pub = job_publisher(f"redis://127.0.0.1:{free_port()}/0", Keys(PREFIX), "j", retry_after_s=0.0)
     pub.publish(STEP)
-    pub.publish({"type": "step", "bad": object()})  # not JSON-able: dropped too
-    assert pub.dropped == 2
+    pub.publish({"type": "step", "bad": object()})  # not JSON-able: dropped at once
+    assert (pub.dropped, pub.buffered) == (1, 1)
+    pub.close()  # the end of the run: what could not be delivered is counted as dropped
+    assert (pub.dropped, pub.buffered) == (2, 0)
 
 
 def test_read_events_resumes_after_the_last_id_and_blocks_for_new(redis_url: str) -> None:

@@ -8,9 +8,10 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import start_redis
 from shardkit import write_manifest
 
-from alexnet_dist.errors import ConfigError, JobNotFoundError, QueueError
+from alexnet_dist.errors import ConfigError, JobNotFoundError, QueueError, UnreachableError
 from alexnet_dist.service.connection import connect
 from alexnet_dist.service.events import job_publisher
 from alexnet_dist.service.operations import JobService
@@ -161,3 +162,25 @@ def test_a_stale_attempt_is_refused(service: JobService, spec: JobSpec) -> None:
     stale = f"^job {rec.id}: attempt 1 is stale \\(current 2\\); not running it$"
     with pytest.raises(QueueError, match=stale):
         service.current_attempt(rec.id, 1)
+
+
+def test_a_result_is_retried_until_redis_is_back(tmp_path: Path, spec: JobSpec) -> None:
+    """Hours of training end in one write: a Redis that is down for a while must not lose it."""
+    (tmp_path / "redis").mkdir()
+    server = start_redis(tmp_path / "redis", "--appendonly", "yes")
+    try:
+        service = JobService(JobStore(connect(server.url), prefix=PREFIX))
+        rec, _ = service.submit(spec)
+        server.stop()
+        restart = threading.Timer(2.0, server.start)
+        restart.start()
+        t0 = time.monotonic()
+        service.store_result(rec.id, {"top1_error": 0.25, "top5_error": 0.05})
+        restart.join()
+        assert time.monotonic() - t0 >= 2.0  # it waited for the server rather than giving up
+        assert service.store.get(rec.id).result == {"top1_error": 0.25, "top5_error": 0.05}
+        server.stop()
+        with pytest.raises(UnreachableError, match="Redis unreachable"):
+            service.store_result(rec.id, {"top1_error": 0.5}, retry_s=1.5)  # and gives up in the end
+    finally:
+        server.stop()
