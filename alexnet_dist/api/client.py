@@ -123,13 +123,15 @@ class ApiClient:
             try:
                 with resp:
                     for kind, entry_id, data in _frames(resp):
-                        failing_since = None
                         if kind == "end":
                             return
-                        if kind == "error":
-                            raise QueueError(json.loads(data).get("error", data))
+                        if kind == "error":  # the server lost Redis: reconnect, as after a drop
+                            if not follow:
+                                raise UnreachableError(json.loads(data).get("error", data))
+                            failing_since = failing_since or time.monotonic()
+                            break
                         if entry_id:
-                            last = entry_id
+                            last, failing_since = entry_id, None
                             yield entry_id, json.loads(data)
                 if not follow:
                     return

@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import redis
+
 from alexnet_dist.data.manifest import load_manifest
 from alexnet_dist.errors import (
     AlexNetDistError,
@@ -115,8 +117,10 @@ class JobService:
         endpoint_url: str | None = None,
         launcher: Callable[[], Launcher] | None = None,
         watch_block_ms: int = 1000,
+        reconnect_s: float = 300.0,
     ) -> None:
         self.store = store
+        self.reconnect_s = reconnect_s  # how long watch waits for an unreachable Redis before giving up
         self.endpoint_url = endpoint_url
         self._make_launcher = launcher
         self._launcher: Launcher | None = None
@@ -219,9 +223,24 @@ class JobService:
                 yield entry_id, event
 
         yield from drain(None)
+        failing_since: float | None = None
         while follow and state not in _TERMINAL:
-            yield from drain(self.watch_block_ms)
-            if state not in _TERMINAL and self.store.get(job_id).state in TERMINAL:
+            try:
+                yield from drain(self.watch_block_ms)
+                ended = self.store.get(job_id).state in TERMINAL
+                failing_since = None
+            except (redis.ConnectionError, redis.TimeoutError, UnreachableError) as err:
+                # Redis restarting or cut off: wait for it and go on after the last event seen
+                failing_since = failing_since or time.monotonic()
+                if time.monotonic() - failing_since > self.reconnect_s:
+                    raise UnreachableError(
+                        f"job {job_id}: Redis unreachable for {self.reconnect_s:.0f} s ({err}); run "
+                        f"`alexnet-dist watch {job_id}` again once it is back"
+                    ) from None
+                log.warning("job %s: Redis unreachable (%s); following again when it is back", job_id, err)
+                time.sleep(1.0)
+                continue
+            if state not in _TERMINAL and ended:
                 yield from drain(None)  # the end's state event is written with the state: read it too
                 return
 

@@ -184,3 +184,28 @@ def test_a_result_is_retried_until_redis_is_back(tmp_path: Path, spec: JobSpec) 
             service.store_result(rec.id, {"top1_error": 0.5}, retry_s=1.5)  # and gives up in the end
     finally:
         server.stop()
+
+
+def test_watch_follows_a_job_through_a_redis_restart(tmp_path: Path, spec: JobSpec) -> None:
+    (tmp_path / "redis").mkdir()
+    server = start_redis(tmp_path / "redis", "--appendonly", "yes")
+    try:
+        store = JobStore(connect(server.url), prefix=PREFIX)
+        service = JobService(store, watch_block_ms=100)
+        rec, _ = service.submit(spec)
+        seen: list[dict] = []
+        watcher = threading.Thread(target=lambda: seen.extend(e for _, e in service.watch(rec.id)))
+        watcher.start()
+        time.sleep(0.5)
+        server.stop()  # AOF keeps the queue; watch must wait, not die
+        time.sleep(3.0)
+        assert watcher.is_alive()
+        server.start()
+        assert store.transition(store.get(rec.id), JobState.LAUNCHING, message="launching")
+        assert store.transition(store.get(rec.id), JobState.RUNNING, message="running")
+        assert store.transition(store.get(rec.id), JobState.SUCCEEDED, message="finished")
+        watcher.join(30)
+        assert not watcher.is_alive()
+        assert _states(seen) == ["QUEUED", "LAUNCHING", "RUNNING", "SUCCEEDED"]  # every event once
+    finally:
+        server.stop()
