@@ -11,9 +11,12 @@ resumed from an older checkpoint (after a corrupt newest one) writes new names r
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import pickle
+import shutil
 import time
 import zipfile
 from collections.abc import Iterator
@@ -50,10 +53,55 @@ def write_checkpoint(directory: str | Path, state: dict[str, Any]) -> None:
     if missing:
         raise CheckpointError(f"checkpoint state: missing {missing}")
     directory = Path(directory)
-    torch.save(state, directory / CHECKPOINT_FILE)
+    try:
+        torch.save(state, directory / CHECKPOINT_FILE)
+    except (OSError, RuntimeError) as err:  # torch reports a full disk as a RuntimeError of its writer
+        if _disk_full(err) or "No space left" in str(err):
+            raise CheckpointError(
+                f"{directory / CHECKPOINT_FILE}: no room to write the checkpoint (the disk is full); free "
+                "space there (TMPDIR for the staging copy)"
+            ) from None
+        raise
     meta = {k: state[k] for k in ("epoch", "step", "global_step", "finished") if k in state}
     meta["history"] = state.get("history", [])[-1:]
     (directory / META_FILE).write_text(json.dumps(meta))
+
+
+def folder_bytes(directory: str | Path) -> int:
+    return sum(f.stat().st_size for f in Path(directory).rglob("*") if f.is_file())
+
+
+def copy_with_room(source: str | Path, target: Path) -> None:
+    """Copy the checkpoint folder ``source`` to ``target`` whole or not at all (through a ``.partial``
+    folder renamed at the end). A disk without room for it is a one-line :class:`CheckpointError`
+    naming the folder and the space needed, checked before copying and caught while copying, and
+    the checkpoints already there are left as they were."""
+    needed = folder_bytes(source)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(target.parent).free
+    if free < needed:
+        raise _no_room(target, needed, free)
+    staging = target.parent / f".{target.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        shutil.copytree(source, staging)
+    except OSError as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        if _disk_full(err):
+            raise _no_room(target, needed, shutil.disk_usage(target.parent).free) from None
+        raise CheckpointError(f"{target}: checkpoint not written ({err.strerror or err})") from None
+    os.replace(staging, target)  # committed whole or not at all
+
+
+def _disk_full(err: BaseException) -> bool:
+    return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _no_room(target: Path, needed: int, free: int) -> CheckpointError:
+    return CheckpointError(
+        f"{target}: no room for the checkpoint ({needed / 2**20:.1f} MiB needed, {free / 2**20:.1f} MiB "
+        "free); free space there or set checkpoint.storage elsewhere (the previous checkpoints are kept)"
+    )
 
 
 def read_checkpoint(directory: str | Path) -> dict[str, Any]:

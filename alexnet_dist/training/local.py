@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import shutil
 import sys
 import time
@@ -29,7 +28,7 @@ from alexnet_dist.errors import AlexNetDistError, ClusterError, ConfigError
 from alexnet_dist.events import EventTarget, YieldSignal
 from alexnet_dist.settings import Settings
 from alexnet_dist.spec import JobSpec
-from alexnet_dist.training.checkpoint import _sort_key
+from alexnet_dist.training.checkpoint import _sort_key, copy_with_room
 from alexnet_dist.training.driver import TrainResult, refuse_existing_run, result_from_metrics, worker_config
 from alexnet_dist.training.loop import run_worker
 
@@ -102,11 +101,7 @@ class LocalSession:
         self.last_metrics = dict(metrics)
         if checkpoint_dir is None or name is None:
             return
-        target = self.run_dir / name
-        staging = self.run_dir / f".{name}.partial"
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(checkpoint_dir, staging)
-        os.replace(staging, target)  # committed whole or not at all
+        copy_with_room(checkpoint_dir, self.run_dir / name)  # whole or not at all; a full disk is one line
         if background:  # the loop leaves a background upload's folder to the runner (as Ray Train does)
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
         for old in _checkpoints(self.run_dir)[self.keep :]:
