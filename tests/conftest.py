@@ -164,47 +164,77 @@ class RayHead:
     log: Path  # the head's output, for a failing test's message
 
 
-@pytest.fixture(scope="module")
-def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
-    """A local Ray head of the module's own (own ports, own process group) with 2 CPUs.
+class RayHeadProcess:
+    """``ray start --head --block`` in a process group of its own, with 2 CPUs, on fixed ports, so it can
+    be killed outright (every Ray process of it: GCS, raylet, dashboard, workers, job drivers) and a new
+    head started in its place at the same address. Started with the venv's bin on PATH, so Ray Jobs find
+    the ``alexnet-dist`` entrypoint."""
 
-    Started with the venv's bin on PATH, so Ray Jobs find the ``alexnet-dist`` entrypoint.
-    """
-    import signal
-    import sys
+    def __init__(self, log_path: Path) -> None:
+        self.ports = {
+            k: free_port()
+            for k in ("port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port")
+        }
+        self.head = RayHead(
+            f"http://127.0.0.1:{self.ports['dashboard-port']}", f"127.0.0.1:{self.ports['port']}", log_path
+        )
+        self.proc: subprocess.Popen | None = None
 
-    ports = {
-        k: free_port()
-        for k in ("port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port")
-    }
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
-    log_path = tmp_path_factory.mktemp("ray") / "head.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus=2",
-         "--disable-usage-stats", "--dashboard-host=127.0.0.1", *[f"--{k}={v}" for k, v in ports.items()]],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    head = RayHead(f"http://127.0.0.1:{ports['dashboard-port']}", f"127.0.0.1:{ports['port']}", log_path)
-    try:
+    def start(self, timeout: float = 90) -> RayHead:
+        import sys
+
         from alexnet_dist.service.launcher import RayJobsLauncher
 
-        deadline = time.monotonic() + 90
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+        with open(self.head.log, "a") as log:
+            self.proc = subprocess.Popen(
+                [
+                    str(Path(sys.executable).parent / "ray"),
+                    "start",
+                    "--head",
+                    "--block",
+                    "--num-cpus=2",
+                    "--disable-usage-stats",
+                    "--dashboard-host=127.0.0.1",
+                    *[f"--{k}={v}" for k, v in self.ports.items()],
+                ],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
         while True:
             try:
-                RayJobsLauncher(head.dashboard_url).nodes()
-                break
+                RayJobsLauncher(self.head.dashboard_url).nodes()
+                return self.head
             except Exception:
-                if time.monotonic() > deadline or proc.poll() is not None:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
                     raise
                 time.sleep(1)
-        yield head
-    finally:
-        # ``ray stop`` would stop every Ray on this machine: kill only this head's process group.
-        os.killpg(proc.pid, signal.SIGTERM)
+
+    def kill(self, sig: int | None = None) -> None:
+        """End every process of this head (``ray stop`` would stop every Ray on the machine)."""
+        import signal
+
+        if self.proc is None:
+            return
         try:
-            proc.wait(3)
+            os.killpg(self.proc.pid, sig or signal.SIGTERM)
+            self.proc.wait(3)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-        log.close()
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        except ProcessLookupError:
+            pass
+        self.proc = None
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
+    """A local Ray head of the module's own (own ports, own process group) with 2 CPUs."""
+    process = RayHeadProcess(tmp_path_factory.mktemp("ray") / "head.log")
+    try:
+        yield process.start()
+    finally:
+        process.kill()

@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 # A stopping Ray Job still reads RUNNING until Ray's grace period after SIGTERM ends: ask Ray to stop it
 # once, and again only if it still runs this long after.
 _RESTOP_AFTER_S = 30.0
+_MAX_LOST = 5  # a job whose Ray Job vanishes this many times (head restarts) fails: a cluster problem
 
 # Renew only when the lock is still ours; release likewise (never delete another holder's lock).
 _RENEW = """if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
@@ -179,7 +180,7 @@ class Dispatcher:
             if asked:
                 q.preempted(rec, lock_token=token, why=f"preempted: Ray job {sid} not found on the cluster")
             else:
-                self._failed(rec, f"Ray job {sid} not found on the cluster")
+                self._lost(rec, f"Ray job {sid} not found on the cluster")
         elif st.live:
             if rec.cancel_requested:
                 self._stop(rec.id, sid)
@@ -210,6 +211,23 @@ class Dispatcher:
         log.info("job %s: stopping Ray job %s", job_id, sid)
         self.launcher.stop(sid)
         self._stopped[sid] = now
+
+    def _lost(self, rec: JobRecord, why: str) -> None:
+        """The cluster no longer knows the job's Ray Job (its head restarted, or its state was lost): not
+        the job's failure, so a new attempt from the newest checkpoint, its retries untouched. A job that
+        keeps vanishing (``_MAX_LOST`` times) fails, so a broken cluster cannot loop it for ever."""
+        if rec.cancel_requested or rec.lost >= _MAX_LOST:
+            self._failed(rec, f"{why} ({rec.lost + 1} times)" if rec.lost else why)
+            return
+        msg = f"{why}; queued again as attempt {rec.attempt + 1} (not counted as a failure)"
+        self.store.transition(
+            rec,
+            JobState.QUEUED,
+            attempt=rec.attempt + 1,
+            message=msg[:500],
+            fields={"lost": rec.lost + 1, "started": 0, "borrowed": 0},
+            lock_token=self.token,
+        )
 
     def _failed(self, rec: JobRecord, why: str) -> None:
         q = self.store

@@ -119,6 +119,7 @@ class JobRecord:
     yielded: bool = False  # its run checkpointed and stopped because it was asked to yield
     preemptions: int = 0  # times it yielded its room (never counted against its retries)
     borrowed: bool = False  # this attempt was launched past its team's quota (the first to be preempted)
+    lost: int = 0  # times its Ray Job vanished with the cluster (a head restart): never counted as failures
 
     @property
     def spec(self) -> JobSpec:
@@ -171,6 +172,7 @@ class JobRecord:
             yielded=h.get("yielded") == "1",
             preemptions=int(h.get("preemptions", 0)),
             borrowed=h.get("borrowed") == "1",
+            lost=int(h.get("lost", 0)),
         )
 
 

@@ -64,7 +64,35 @@ class RaySession:
         return devs[0], devs[0]
 
     def latest_checkpoint(self) -> Any | None:
-        return self._train.get_checkpoint()
+        """Ray Train's newest registered checkpoint; when it knows none, the newest checkpoint folder in
+        the run's storage. Ray registers a checkpoint only after its upload, so a run stopped in
+        between (a preemption that came late, a head restart) leaves complete checkpoints Ray never
+        counted; the caller reads each in turn and skips one that is incomplete."""
+        registered = self._train.get_checkpoint()
+        if registered is not None:
+            return registered
+        return self._stored_checkpoint()
+
+    def _stored_checkpoint(self) -> Any | None:
+        import pyarrow.fs as pafs
+
+        from alexnet_dist.training.checkpoint import _sort_key
+
+        try:
+            storage = self._train.get_context().get_storage()
+            fs, run = storage.storage_filesystem, storage.experiment_fs_path.rstrip("/")
+            infos = fs.get_file_info(pafs.FileSelector(run, recursive=False, allow_not_found=True))
+        except (AttributeError, OSError):  # a Ray without this developer API, or storage not readable
+            return None
+        names = [
+            i.base_name
+            for i in infos
+            if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")
+        ]
+        if not names:
+            return None
+        newest = max(names, key=_sort_key)
+        return self._train.Checkpoint(path=f"{run}/{newest}", filesystem=fs)
 
     def report(
         self,

@@ -200,9 +200,24 @@ def test_reconcile_adopts_a_running_ray_job_of_a_queued_job_and_retries_a_vanish
     d.reconcile()
     assert queue.get(queued.id).state is JobState.RUNNING
     g = queue.get(gone.id)
-    assert (g.state, g.attempt, g.retries_left) == (JobState.QUEUED, 2, 0)
-    assert "not found on the cluster" in g.message
+    # lost with the cluster, not failed: a new attempt, its retry kept
+    assert (g.state, g.attempt, g.retries_left, g.lost) == (JobState.QUEUED, 2, 1, 1)
+    assert "not found on the cluster" in g.message and "not counted as a failure" in g.message
     assert d.launches == 0
+
+
+def test_a_job_whose_ray_job_keeps_vanishing_fails_in_the_end(redis_url: str) -> None:
+    queue = JobStore(connect(redis_url), prefix=PREFIX)
+    rec, _ = queue.submit(make_spec("v", retries=0))
+    d = Dispatcher(queue, RedisCluster(redis_url, cpus=0.5))
+    assert d.acquire()
+    for _ in range(6):
+        cur = queue.get(rec.id)
+        assert queue.transition(cur, JobState.RUNNING, message="launched")  # Ray then forgets it
+        d.follow()
+    final = queue.get(rec.id)
+    assert (final.state, final.lost, final.attempt) == (JobState.FAILED, 5, 6)
+    assert final.message.startswith(f"Ray job {rec.id}-6 not found on the cluster (6 times)")
 
 
 def test_failed_job_is_retried_up_to_its_limit_then_fails(redis_url: str) -> None:

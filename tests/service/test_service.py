@@ -372,11 +372,11 @@ def test_cancel_stops_the_ray_job_and_resume_continues_from_the_checkpoint(
     saved = [int(n.split("_")[1]) for n in ckpts]
     assert all(s % 2 == 0 or s % 16 == 0 for s in saved) and max(saved) >= 4  # every 2 steps, epoch ends
 
-    # a cancelled job cannot be cancelled again, and has no result yet
+    # a cancelled job cannot be cancelled again, and its result is its outcome: cancelled (exit 3)
     again = service.cli("cancel", job_id, check=False)
     assert again.returncode != 0 and "already CANCELLED" in again.stderr
     early = service.cli("result", job_id, "--json", check=False)
-    assert early.returncode != 0 and "CANCELLED, no result yet" in early.stderr
+    assert early.returncode == 3 and f"job {job_id}: CANCELLED: " in early.stderr
 
     assert f"{job_id}  QUEUED  attempt 2" in service.cli("resume", job_id).stdout
     watcher = service.watch(job_id)  # replays attempt 1 (ending CANCELLED), then follows attempt 2
