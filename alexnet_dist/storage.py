@@ -7,7 +7,14 @@ What holds here that plain ``boto3`` calls do not give by themselves:
   not a silent splice), so no byte is lost or repeated; a ranged read (:func:`read_range`, what the
   loader's read-ahead issues) resumes the same way inside its range, and a range past the object's end
   reads as empty, as a file read past its end does;
-- throttling and 5xx answers are retried with backoff (botocore's "standard" retry mode);
+- every S3 call is bounded in time and retried: a connection must open within ``CONNECT_TIMEOUT_S`` and
+  the server may go silent for at most ``READ_TIMEOUT_S``; botocore's "standard" retry mode tries each
+  request up to ``S3_ATTEMPTS`` times, with backoff (1 s-based for throttling such as 503 SlowDown, 50
+  ms-based for resets and timeouts). A broken connection (reset, refused) outlives that quick backoff here:
+  reads re-open up to ``READ_RETRIES`` times and seekable uploads start again up to ``WRITE_RETRIES`` times,
+  with backoff of seconds; a timeout is not retried beyond botocore's tries, each of which already waited it
+  out. What still fails is one :class:`StorageError` line naming the URL and the endpoint, saying what to
+  check;
 - writes are atomic: S3 shows an object only once its PUT (or multipart upload) completes; locally we
   write a temporary file in the same folder and ``os.replace`` it.
 
@@ -23,7 +30,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -36,8 +43,20 @@ log = logging.getLogger(__name__)
 MULTIPART_THRESHOLD = 64 * 1024 * 1024  # bytes; above this boto3 uploads in parts (still atomic)
 # HTTP connections a process's S3 client keeps open; concurrent GETs beyond it wait for one (read-ahead)
 MAX_CONNECTIONS = 32
-READ_RETRIES = 6  # re-opens of one streaming read before giving up
-_RETRY_BASE_S = 0.2  # backoff of stream re-opens: 0.2, 0.4, 0.8, ... seconds
+# A TCP handshake to a reachable endpoint takes milliseconds, across regions well under a second; 10 s
+# still rides out two lost SYNs (Linux resends them after 1 and 3 s) and fails a black-holed address fast.
+CONNECT_TIMEOUT_S = 10.0
+# The longest an S3 server is silent on a healthy connection (boto's own default): the first byte of a
+# large CompleteMultipartUpload on MinIO or Ceph takes seconds; AWS sends whitespace meanwhile.
+READ_TIMEOUT_S = 60.0
+# Tries of one request, the first included: 7 retries back off up to 1+2+4+...+20+20 s (71 s) on
+# throttling and up to 6.4 s in all on resets. A silent endpoint fails a request after about
+# S3_ATTEMPTS x READ_TIMEOUT_S (8 min); one refusing connections, in seconds.
+S3_ATTEMPTS = 8
+READ_RETRIES = 6  # re-opens of one read (a body broken mid-way, or S3 unreachable) before giving up
+_RETRY_BASE_S = 0.2  # backoff of read re-opens: 0.2, 0.4, 0.8, ... seconds (12.6 s over 6)
+WRITE_RETRIES = 3  # fresh starts of a seekable upload that S3 could not be reached for
+_WRITE_RETRY_BASE_S = 1.0  # backoff of upload restarts: 1, 2, 4 seconds
 
 
 @dataclass(frozen=True)
@@ -80,7 +99,7 @@ def join(base: str, name: str) -> str:
 
 # --- S3 clients: one per (process, endpoint, region); boto3 clients must not cross a fork. -------------
 
-_clients: dict[tuple[int, str | None, str | None], object] = {}
+_clients: dict[tuple[object, ...], object] = {}
 _clients_lock = threading.Lock()
 # One boto3 session, inherited by forked processes (it holds no connection): a client made from a session
 # that has loaded the S3 service model is cheap, from a new session it costs tens of times more, and every
@@ -97,35 +116,92 @@ os.register_at_fork(after_in_child=_after_fork)
 
 
 def s3_client(endpoint_url: str | None = None, region: str | None = None):
+    """This process's S3 client of ``endpoint_url`` (None: boto3's resolution) with the module's bounds."""
     import boto3
     from botocore.config import Config
 
     global _session
-    key = (os.getpid(), endpoint_url, region)
+    key = (os.getpid(), endpoint_url, region, CONNECT_TIMEOUT_S, READ_TIMEOUT_S, S3_ATTEMPTS)
     with _clients_lock:
         client = _clients.get(key)
         if client is None:
             if _session is None:
                 _session = boto3.session.Session()
             config = Config(
-                retries={"max_attempts": 8, "mode": "standard"},  # throttling + 5xx, with backoff
+                # "standard": throttling (503 SlowDown), 5xx, resets and timeouts, with jittered backoff;
+                # "adaptive" would also hold back sending, which read-ahead's concurrent GETs need not
+                retries={"total_max_attempts": S3_ATTEMPTS, "mode": "standard"},
                 max_pool_connections=MAX_CONNECTIONS,
-                connect_timeout=10,
-                read_timeout=60,
+                connect_timeout=CONNECT_TIMEOUT_S,
+                read_timeout=READ_TIMEOUT_S,
             )
             client = _session.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
+            client.meta.events.register("needs-retry.s3", _count_tries)
             _clients[key] = client
     return client
 
 
-def _s3_error(err: Exception, url: str) -> StorageError:
-    code = getattr(err, "response", {}).get("Error", {}).get("Code", "")
+def _count_tries(attempts: int, caught_exception: BaseException | None = None, **_: object) -> None:
+    """botocore's hook after each try of a request: the exception a request ends with is the last one
+    seen here, so it carries how many tries the request had (fewer than S3_ATTEMPTS where botocore's
+    retry quota, shared by the client's requests, ran out first)."""
+    if caught_exception is not None:
+        caught_exception.s3_tries = attempts  # type: ignore[attr-defined]
+
+
+def _endpoint(client) -> str:
+    return str(getattr(getattr(client, "meta", None), "endpoint_url", None) or "its default endpoint")
+
+
+def _timed_out(err: BaseException) -> bool:
+    from botocore import exceptions as bexc
+
+    return isinstance(err, (bexc.ConnectTimeoutError, bexc.ReadTimeoutError))
+
+
+def _unreachable(err: BaseException) -> bool:
+    """Whether ``err`` (after botocore's own tries) means S3 could not be reached: refused, reset, closed
+    before answering. Timeouts are not included: each try already waited its whole timeout."""
+    from botocore import exceptions as bexc
+
+    connection = (bexc.EndpointConnectionError, bexc.ConnectionClosedError, bexc.ProxyConnectionError)
+    return isinstance(err, connection) and not _timed_out(err)
+
+
+def _tries(n: int) -> str:
+    return f"{n} try" if n == 1 else f"{n} tries"
+
+
+def _s3_error(err: Exception, url: str, client=None, *, also: str = "") -> StorageError:
+    """One line for a failed S3 call on ``url``: the thing, the endpoint where it matters, what to do;
+    ``also`` says what was tried beyond botocore's tries, for an unreachable S3."""
+    response = getattr(err, "response", {}) or {}
+    code = response.get("Error", {}).get("Code", "")
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
     if code in ("404", "NoSuchKey", "NotFound"):
         return NotFoundError(f"{url}: not found; check the URL")
     if code == "NoSuchBucket":
         return NotFoundError(f"{url}: bucket does not exist; create it or check the URL")
     if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
         return StorageError(f"{url}: access denied ({code}); check the AWS credentials")
+    at = f"S3 at {_endpoint(client)}"
+    tries = _tries(getattr(err, "s3_tries", 1))
+    if _timed_out(err):
+        return StorageError(
+            f"{url}: {at}: no answer within {CONNECT_TIMEOUT_S:g} s (connect) / {READ_TIMEOUT_S:g} s (read) "
+            f"in {tries} ({type(err).__name__}); check AWS_ENDPOINT_URL and the network to it"
+        )
+    if _unreachable(err):
+        return StorageError(
+            f"{url}: {at}: unreachable after {tries}{also} ({type(err).__name__}); check AWS_ENDPOINT_URL "
+            "and the network to it"
+        )
+    if status >= 500 or code in ("SlowDown", "ServiceUnavailable", "InternalError"):
+        tries = _tries(response.get("ResponseMetadata", {}).get("RetryAttempts", 0) + 1)
+        return StorageError(
+            f"{url}: {at}: still answering {code or status} (HTTP {status}) after {tries}; S3 is "
+            "throttling or failing: retry later"
+        )
     return StorageError(f"{url}: {type(err).__name__}: {err}".splitlines()[0])
 
 
@@ -153,16 +229,51 @@ class S3ReadStream(io.RawIOBase):
 
     ``end`` (inclusive) makes it a ranged read of bytes ``start..end``; a range that starts past the
     object's end reads as empty. ``size`` is the whole object's size once known, ``etag`` its ETag.
+
+    A body that breaks mid-way (reset, cut, silent for READ_TIMEOUT_S) and an open that finds S3
+    unreachable after botocore's tries are retried together, with backoff, up to ``READ_RETRIES`` times in a
+    row without a byte arriving; ``reconnects`` counts every re-open.
     """
 
     def __init__(self, url: str, loc: Location, client, *, start: int = 0, end: int | None = None) -> None:
         self.url, self._loc, self._client = url, loc, client
         self.pos, self.end = start, end
         self.reconnects = 0
+        self._failing = 0  # tries in a row that failed since a byte last arrived
+        self._failing_since = 0.0
         self._errors = _stream_errors()
         self.etag: str | None = None
         self.size: int | None = None
-        self._body = self._open()
+        self._body = self._open_retrying()
+
+    def _retry(self, err: BaseException, what: str) -> None:
+        """Wait before another try after ``err``, or raise once the re-opens are spent."""
+        if self._failing == 0:
+            self._failing_since = time.monotonic()
+        if self._failing == READ_RETRIES:
+            if _unreachable(err) and isinstance(err, Exception):
+                reopens = f"{READ_RETRIES} re-open{'s' * (READ_RETRIES != 1)}"
+                also = f" and {reopens} over {time.monotonic() - self._failing_since:.1f} s"
+                raise _s3_error(err, self.url, self._client, also=also) from err
+            raise StorageError(
+                f"{self.url}: S3 at {_endpoint(self._client)}: the connection kept breaking at byte "
+                f"{self.pos} ({READ_RETRIES} re-opens in a row, {type(err).__name__}); check the network"
+            ) from err
+        wait = _RETRY_BASE_S * 2**self._failing
+        log.warning("%s: %s at byte %d (%s); re-opening there in %.1f s", self.url, what, self.pos, err, wait)
+        time.sleep(wait)
+        self._failing += 1
+        self.reconnects += 1
+
+    def _open_retrying(self):
+        while True:
+            try:
+                return self._open()
+            except StorageError as err:
+                cause = err.__cause__
+                if cause is None or not _unreachable(cause):
+                    raise
+                self._retry(cause, "S3 unreachable")
 
     def _open(self):
         kwargs = {"Bucket": self._loc.bucket, "Key": self._loc.key}
@@ -175,14 +286,14 @@ class S3ReadStream(io.RawIOBase):
         try:
             resp = self._client.get_object(**kwargs)
         except Exception as err:
-            error = getattr(err, "response", {}).get("Error", {})
+            error = (getattr(err, "response", None) or {}).get("Error", {})  # None on timeouts, resets
             if error.get("Code") in ("412", "PreconditionFailed"):
                 raise StorageError(f"{self.url}: object changed while being read; retry the read") from err
             if error.get("Code") in ("416", "InvalidRange") and "Range" in kwargs:  # starts past the end
                 if error.get("ActualObjectSize", "").isdigit():
                     self.size = int(error["ActualObjectSize"])
                 return io.BytesIO(b"")
-            raise _s3_error(err, self.url) from err
+            raise _s3_error(err, self.url, self._client) from err
         if self.etag is None:
             self.etag = resp.get("ETag")
             total = str(resp.get("ContentRange", "")).rpartition("/")[2]  # "bytes 0-99/1000"
@@ -194,26 +305,21 @@ class S3ReadStream(io.RawIOBase):
 
     def readinto(self, buffer) -> int:
         view = memoryview(buffer).cast("B")
-        for attempt in range(READ_RETRIES + 1):
+        while True:
             try:
                 data = self._body.read(len(view))
                 view[: len(data)] = data
                 self.pos += len(data)
+                if data:
+                    self._failing = 0
                 return len(data)
             except self._errors as err:
-                if attempt == READ_RETRIES:
-                    raise StorageError(
-                        f"{self.url}: connection kept breaking at byte {self.pos}; check the network"
-                    ) from err
-                log.warning("%s: read broke at byte %d (%s); resuming with Range", self.url, self.pos, err)
-                self.reconnects += 1
-                time.sleep(_RETRY_BASE_S * 2**attempt)
+                self._retry(err, "read broke")
                 try:
                     self._body.close()
                 except Exception:  # the old connection is already broken; nothing to save
                     pass
-                self._body = self._open()
-        return 0  # unreachable: the loop returns or raises
+                self._body = self._open_retrying()
 
     def close(self) -> None:
         if not self.closed:
@@ -301,23 +407,54 @@ def write_bytes(url: str, data: bytes, *, endpoint_url: str | None = None, regio
             Path(tmp).unlink(missing_ok=True)
             raise
         return
-    upload_fileobj(io.BytesIO(data), url, endpoint_url=endpoint_url, region=region)
+    _upload(lambda: io.BytesIO(data), url, endpoint_url, region)
 
 
 def upload_fileobj(
     fileobj: IO[bytes], url: str, *, endpoint_url: str | None = None, region: str | None = None
 ) -> None:
-    """Upload a stream to S3 (multipart above MULTIPART_THRESHOLD: the object appears only when complete)."""
+    """Upload a stream to S3 (multipart above MULTIPART_THRESHOLD: the object appears only when complete).
+
+    A stream is uploaded once (botocore retries each request); :func:`write_bytes` and :func:`put_file`
+    also start again when S3 could not be reached."""
+    _upload(None, url, endpoint_url, region, fileobj=fileobj)
+
+
+def _upload(
+    open_body: Callable[[], IO[bytes]] | None,
+    url: str,
+    endpoint_url: str | None,
+    region: str | None,
+    *,
+    fileobj: IO[bytes] | None = None,
+) -> None:
+    """Upload ``fileobj``, or the body ``open_body`` opens, up to WRITE_RETRIES more times (a fresh body
+    each time: s3transfer closes the one it sent) while S3 is unreachable."""
     from boto3.s3.transfer import TransferConfig
 
     loc = parse_url(url)
     if loc.scheme != "s3":
         raise StorageError(f"{url}: upload_fileobj writes s3:// URLs; use write_bytes or put_file")
     config = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD)
-    try:
-        s3_client(endpoint_url, region).upload_fileobj(fileobj, loc.bucket, loc.key, Config=config)
-    except Exception as err:
-        raise _s3_error(err, url) from err
+    client = s3_client(endpoint_url, region)
+    retries = WRITE_RETRIES if open_body is not None else 0
+    start = time.monotonic()
+    for attempt in range(retries + 1):
+        try:
+            # a failed multipart upload is aborted by s3transfer: nothing of it becomes visible
+            if open_body is None:
+                client.upload_fileobj(fileobj, loc.bucket, loc.key, Config=config)
+            else:
+                with open_body() as body:
+                    client.upload_fileobj(body, loc.bucket, loc.key, Config=config)
+            return
+        except Exception as err:
+            if attempt == retries or not _unreachable(err):
+                restarts = f"{retries} restart{'s' * (retries != 1)}"
+                also = f" and {restarts} over {time.monotonic() - start:.1f} s" if attempt else ""
+                raise _s3_error(err, url, client, also=also) from err
+            log.warning("%s: upload failed (%s); starting it again", url, str(err).splitlines()[0])
+            time.sleep(_WRITE_RETRY_BASE_S * 2**attempt)
 
 
 def put_file(
@@ -329,8 +466,7 @@ def put_file(
         Path(loc.key).parent.mkdir(parents=True, exist_ok=True)
         os.replace(local_path, loc.key)
         return
-    with open(local_path, "rb") as f:
-        upload_fileobj(f, url, endpoint_url=endpoint_url, region=region)
+    _upload(lambda: open(local_path, "rb"), url, endpoint_url, region)
     Path(local_path).unlink(missing_ok=True)
 
 
@@ -338,11 +474,12 @@ def exists(url: str, *, endpoint_url: str | None = None, region: str | None = No
     loc = parse_url(url)
     if loc.scheme == "file":
         return Path(loc.key).exists()
+    client = s3_client(endpoint_url, region)
     try:
-        s3_client(endpoint_url, region).head_object(Bucket=loc.bucket, Key=loc.key)
+        client.head_object(Bucket=loc.bucket, Key=loc.key)
         return True
     except Exception as err:
-        mapped = _s3_error(err, url)
+        mapped = _s3_error(err, url, client)
         if isinstance(mapped, NotFoundError):
             return False
         raise mapped from err
@@ -355,12 +492,11 @@ def size(url: str, *, endpoint_url: str | None = None, region: str | None = None
             return Path(loc.key).stat().st_size
         except FileNotFoundError as err:
             raise NotFoundError(f"{url}: not found; check the path") from err
+    client = s3_client(endpoint_url, region)
     try:
-        return int(
-            s3_client(endpoint_url, region).head_object(Bucket=loc.bucket, Key=loc.key)["ContentLength"]
-        )
+        return int(client.head_object(Bucket=loc.bucket, Key=loc.key)["ContentLength"])
     except Exception as err:
-        raise _s3_error(err, url) from err
+        raise _s3_error(err, url, client) from err
 
 
 def list_prefix(url: str, *, endpoint_url: str | None = None, region: str | None = None) -> list[str]:
@@ -375,13 +511,13 @@ def list_prefix(url: str, *, endpoint_url: str | None = None, region: str | None
 
 
 def _iter_s3(loc: Location, url: str, endpoint_url: str | None, region: str | None) -> Iterator[str]:
-    paginator = s3_client(endpoint_url, region).get_paginator("list_objects_v2")
+    client = s3_client(endpoint_url, region)
     try:
-        for page in paginator.paginate(Bucket=loc.bucket, Prefix=loc.key):
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=loc.key):
             for obj in page.get("Contents", []):
                 yield f"s3://{loc.bucket}/{obj['Key']}"
     except Exception as err:
-        raise _s3_error(err, url) from err
+        raise _s3_error(err, url, client) from err
 
 
 def delete(url: str, *, endpoint_url: str | None = None, region: str | None = None) -> None:
@@ -390,7 +526,8 @@ def delete(url: str, *, endpoint_url: str | None = None, region: str | None = No
     if loc.scheme == "file":
         Path(loc.key).unlink(missing_ok=True)
         return
+    client = s3_client(endpoint_url, region)
     try:
-        s3_client(endpoint_url, region).delete_object(Bucket=loc.bucket, Key=loc.key)
+        client.delete_object(Bucket=loc.bucket, Key=loc.key)
     except Exception as err:
-        raise _s3_error(err, url) from err
+        raise _s3_error(err, url, client) from err

@@ -149,7 +149,14 @@ def _sibling_checkpoints(latest: Any) -> list[Any]:
 
 
 def iter_good_checkpoints(latest: Any) -> Iterator[tuple[Any, dict[str, Any]]]:
-    """Yield (checkpoint, state) from newest to oldest, skipping each unreadable one with a warning."""
+    """Yield (checkpoint, state) from newest to oldest, skipping each unreadable one with a warning.
+
+    Unreadable is what the checkpoint holds: ``checkpoint.pt`` missing (an upload that never finished:
+    Ray Train can count one whose files did not all reach S3), truncated or foreign; or the folder gone
+    (deleted after it was listed). Storage that cannot be read (S3 unreachable, no room for the
+    download) is a :class:`CheckpointError` instead: skipping every checkpoint for it would start the run
+    over from step 0; failing the attempt lets it be retried from the newest good one.
+    """
     for ckpt in _sibling_checkpoints(latest):
         try:
             with ckpt.as_directory() as d:
@@ -157,11 +164,15 @@ def iter_good_checkpoints(latest: Any) -> Iterator[tuple[Any, dict[str, Any]]]:
         except CheckpointError as err:
             log.warning("skipping checkpoint %s: %s; trying the previous one", ckpt.path, err)
             continue
-        except OSError as err:
-            log.warning(
-                "skipping checkpoint %s: cannot read it (%s); trying the previous one", ckpt.path, err
-            )
+        except FileNotFoundError as err:
+            log.warning("skipping checkpoint %s: gone (%s); trying the previous one", ckpt.path, err)
             continue
+        except OSError as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise CheckpointError(
+                f"{ckpt.path}: cannot read the checkpoint from its storage ({first}); check the storage "
+                "(S3 endpoint, network, local disk): the attempt stops here rather than start over"
+            ) from None
         yield ckpt, state
 
 
