@@ -35,6 +35,7 @@ _KINDS = {
     for name, cls in vars(errors).items()
     if isinstance(cls, type) and issubclass(cls, AlexNetDistError)
 }
+_HEALTHY_S = 10.0  # a stream that stood this long before dropping counts as recovered
 _BY_STATUS = {400: ConfigError, 401: AuthError, 403: errors.PermissionDeniedError,
               404: errors.JobNotFoundError, 503: UnreachableError}  # fmt: skip
 
@@ -120,6 +121,7 @@ class ApiClient:
     def _follow(self, job_id: str, follow: bool, after: str, resp: Any) -> Iterator[tuple[str, dict]]:
         last, failing_since = after, None
         while True:
+            opened = time.monotonic()
             try:
                 with resp:
                     for kind, entry_id, data in _frames(resp):
@@ -137,6 +139,8 @@ class ApiClient:
                     return
             except (OSError, http.client.HTTPException, json.JSONDecodeError):
                 pass  # dropped mid-stream: reconnect below from the last event seen
+            if failing_since is not None and time.monotonic() - opened > _HEALTHY_S:
+                failing_since = None  # that stream stood long enough: this drop is a new outage
             failing_since = failing_since or time.monotonic()
             while True:
                 if time.monotonic() - failing_since > self.reconnect_s:
