@@ -66,7 +66,15 @@ def resolve_storage(url: str, *, settings: Settings) -> _Storage:
         bucket_prefix = url[len("s3://") :].strip("/")
         if not bucket_prefix:
             raise ConfigError(f"checkpoint.storage={url!r}: needs a bucket, e.g. s3://my-bucket/runs")
-        kwargs: dict[str, Any] = {}
+        from alexnet_dist import storage
+
+        # The same bounds and retries as the package's own S3 client: pyarrow's defaults try 3 times
+        # and wait on a silent endpoint without a limit of ours.
+        kwargs: dict[str, Any] = {
+            "connect_timeout": storage.CONNECT_TIMEOUT_S,
+            "request_timeout": storage.READ_TIMEOUT_S,
+            "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=storage.S3_ATTEMPTS),
+        }
         if settings.s3_endpoint_url:
             scheme, _, host = settings.s3_endpoint_url.partition("://")
             kwargs.update(endpoint_override=host.rstrip("/"), scheme=scheme)
