@@ -37,6 +37,7 @@ from typing import IO
 from urllib.parse import unquote, urlparse
 
 from alexnet_dist.errors import NotFoundError, StorageError
+from alexnet_dist.storage_errors import count_tries, endpoint, s3_error, stream_errors, unreachable
 
 log = logging.getLogger(__name__)
 
@@ -136,92 +137,13 @@ def s3_client(endpoint_url: str | None = None, region: str | None = None):
                 read_timeout=READ_TIMEOUT_S,
             )
             client = _session.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
-            client.meta.events.register("needs-retry.s3", _count_tries)
+            client.meta.events.register("needs-retry.s3", count_tries)
             _clients[key] = client
     return client
 
 
-def _count_tries(attempts: int, caught_exception: BaseException | None = None, **_: object) -> None:
-    """botocore's hook after each try of a request: the exception a request ends with is the last one
-    seen here, so it carries how many tries the request had (fewer than S3_ATTEMPTS where botocore's
-    retry quota, shared by the client's requests, ran out first)."""
-    if caught_exception is not None:
-        caught_exception.s3_tries = attempts  # type: ignore[attr-defined]
-
-
-def _endpoint(client) -> str:
-    return str(getattr(getattr(client, "meta", None), "endpoint_url", None) or "its default endpoint")
-
-
-def _timed_out(err: BaseException) -> bool:
-    from botocore import exceptions as bexc
-
-    return isinstance(err, (bexc.ConnectTimeoutError, bexc.ReadTimeoutError))
-
-
-def _unreachable(err: BaseException) -> bool:
-    """Whether ``err`` (after botocore's own tries) means S3 could not be reached: refused, reset, closed
-    before answering. Timeouts are not included: each try already waited its whole timeout."""
-    from botocore import exceptions as bexc
-
-    connection = (bexc.EndpointConnectionError, bexc.ConnectionClosedError, bexc.ProxyConnectionError)
-    return isinstance(err, connection) and not _timed_out(err)
-
-
-def _tries(n: int) -> str:
-    return f"{n} try" if n == 1 else f"{n} tries"
-
-
 def _s3_error(err: Exception, url: str, client=None, *, also: str = "") -> StorageError:
-    """One line for a failed S3 call on ``url``: the thing, the endpoint where it matters, what to do;
-    ``also`` says what was tried beyond botocore's tries, for an unreachable S3."""
-    response = getattr(err, "response", {}) or {}
-    code = response.get("Error", {}).get("Code", "")
-    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-    if code in ("404", "NoSuchKey", "NotFound"):
-        return NotFoundError(f"{url}: not found; check the URL")
-    if code == "NoSuchBucket":
-        return NotFoundError(f"{url}: bucket does not exist; create it or check the URL")
-    if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-        return StorageError(f"{url}: access denied ({code}); check the AWS credentials")
-    at = f"S3 at {_endpoint(client)}"
-    tries = _tries(getattr(err, "s3_tries", 1))
-    if _timed_out(err):
-        return StorageError(
-            f"{url}: {at}: no answer within {CONNECT_TIMEOUT_S:g} s (connect) / {READ_TIMEOUT_S:g} s (read) "
-            f"in {tries} ({type(err).__name__}); check AWS_ENDPOINT_URL and the network to it"
-        )
-    if _unreachable(err):
-        return StorageError(
-            f"{url}: {at}: unreachable after {tries}{also} ({type(err).__name__}); check AWS_ENDPOINT_URL "
-            "and the network to it"
-        )
-    if status >= 500 or code in ("SlowDown", "ServiceUnavailable", "InternalError"):
-        tries = _tries(response.get("ResponseMetadata", {}).get("RetryAttempts", 0) + 1)
-        return StorageError(
-            f"{url}: {at}: still answering {code or status} (HTTP {status}) after {tries}; S3 is "
-            "throttling or failing: retry later"
-        )
-    return StorageError(f"{url}: {type(err).__name__}: {err}".splitlines()[0])
-
-
-def _stream_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean "the connection broke mid-body": re-open with a Range."""
-    from botocore import exceptions as bexc
-    from urllib3 import exceptions as uexc
-
-    errors: list[type[BaseException]] = [
-        bexc.IncompleteReadError,
-        bexc.ReadTimeoutError,
-        bexc.ConnectionError,
-        uexc.ProtocolError,
-        uexc.ReadTimeoutError,
-        ConnectionError,
-        TimeoutError,
-    ]
-    if hasattr(bexc, "ResponseStreamingError"):
-        errors.append(bexc.ResponseStreamingError)
-    return tuple(errors)
+    return s3_error(err, url, client, also=also, connect_s=CONNECT_TIMEOUT_S, read_s=READ_TIMEOUT_S)
 
 
 class S3ReadStream(io.RawIOBase):
@@ -241,7 +163,7 @@ class S3ReadStream(io.RawIOBase):
         self.reconnects = 0
         self._failing = 0  # tries in a row that failed since a byte last arrived
         self._failing_since = 0.0
-        self._errors = _stream_errors()
+        self._errors = stream_errors()
         self.etag: str | None = None
         self.size: int | None = None
         self._body = self._open_retrying()
@@ -251,12 +173,12 @@ class S3ReadStream(io.RawIOBase):
         if self._failing == 0:
             self._failing_since = time.monotonic()
         if self._failing == READ_RETRIES:
-            if _unreachable(err) and isinstance(err, Exception):
+            if unreachable(err) and isinstance(err, Exception):
                 reopens = f"{READ_RETRIES} re-open{'s' * (READ_RETRIES != 1)}"
                 also = f" and {reopens} over {time.monotonic() - self._failing_since:.1f} s"
                 raise _s3_error(err, self.url, self._client, also=also) from err
             raise StorageError(
-                f"{self.url}: S3 at {_endpoint(self._client)}: the connection kept breaking at byte "
+                f"{self.url}: S3 at {endpoint(self._client)}: the connection kept breaking at byte "
                 f"{self.pos} ({READ_RETRIES} re-opens in a row, {type(err).__name__}); check the network"
             ) from err
         wait = _RETRY_BASE_S * 2**self._failing
@@ -271,7 +193,7 @@ class S3ReadStream(io.RawIOBase):
                 return self._open()
             except StorageError as err:
                 cause = err.__cause__
-                if cause is None or not _unreachable(cause):
+                if cause is None or not unreachable(cause):
                     raise
                 self._retry(cause, "S3 unreachable")
 
@@ -449,7 +371,7 @@ def _upload(
                     client.upload_fileobj(body, loc.bucket, loc.key, Config=config)
             return
         except Exception as err:
-            if attempt == retries or not _unreachable(err):
+            if attempt == retries or not unreachable(err):
                 restarts = f"{retries} restart{'s' * (retries != 1)}"
                 also = f" and {restarts} over {time.monotonic() - start:.1f} s" if attempt else ""
                 raise _s3_error(err, url, client, also=also) from err

@@ -14,7 +14,9 @@ DOCS = ROOT / "docs" / "spec.md"
 def test_docs_spec_md_is_what_the_code_renders() -> None:
     rendered = spec_markdown()
     written = DOCS.read_text(encoding="utf-8") if DOCS.exists() else ""
-    assert written == rendered, f"docs/spec.md is out of date with alexnet_dist/spec.py; run `{DOCS_COMMAND}`"
+    assert written == rendered, (
+        f"docs/spec.md is out of date with alexnet_dist/spec/models.py; run `{DOCS_COMMAND}`"
+    )
 
 
 def test_the_docs_have_a_table_row_for_every_field() -> None:

@@ -24,7 +24,6 @@ all the same.
 from __future__ import annotations
 
 import hashlib
-import html
 import json
 import time
 import urllib.parse
@@ -32,16 +31,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import redis
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from alexnet_dist.api.auth import COOKIE, CSRF_HEADER, Caller, check_csrf
+from alexnet_dist.api.views import esc, eta_text, percent, queue_rows, when
 from alexnet_dist.errors import AlexNetDistError, AuthError, JobNotFoundError, UnreachableError
 from alexnet_dist.service.operations import JobService
-from alexnet_dist.service.store import ACTIVE, TERMINAL, JobRecord, JobState
-from alexnet_dist.service.users import UserStore, can_change, can_read
+from alexnet_dist.service.store import TERMINAL, JobRecord, JobState
+from alexnet_dist.service.users import UserStore, can_change
 
 __all__ = ["SECURITY_HEADERS", "dashboard_router"]
 
@@ -60,168 +59,6 @@ SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
 }
 MAX_FORM_BYTES = 8192  # the forms hold a token and a CSRF token, a few hundred bytes
-MAX_ENDED = 100  # the queue page shows every waiting and running job, and only this many ended ones
-PROGRESS_EVENTS = 50  # newest events read per running job to find its latest step or epoch
-
-
-def _e(value: Any) -> str:
-    """``value`` as HTML text or attribute value: every job name and message is user input."""
-    return "" if value is None else html.escape(str(value), quote=True)
-
-
-def _num(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _pct(value: Any) -> str:
-    return f"{100 * value:.2f} %" if _num(value) else "—"
-
-
-def _utc(t: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t)) if t else "—"
-
-
-def _when(t: float) -> str:
-    """A ``<time>`` the script shows in the browser's time zone (UTC until it does)."""
-    if not t:
-        return "—"
-    iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
-    return f'<time datetime="{iso}" data-local>{_e(_utc(t))}</time>'
-
-
-def _span(seconds: float) -> str:
-    s = int(abs(seconds))
-    if s < 60:
-        return "<1 min"
-    if s < 3600:
-        return f"{s // 60} min"
-    if s < 86400:
-        return f"{s // 3600} h {s % 3600 // 60} min"
-    return f"{s // 86400} d {s % 86400 // 3600} h"
-
-
-def relative(t: float, now: float) -> str:
-    """``in 12 min`` or ``3 h 5 min ago``: the same words as the script's ``relative``."""
-    return f"in {_span(t - now)}" if t >= now else f"{_span(now - t)} ago"
-
-
-def eta_text(pending: dict[str, Any] | None, now: float) -> tuple[str, str]:
-    """A queued job's estimated start and finish as (shown text, UTC times for the tooltip)."""
-    pending = pending or {}
-    parts, title = [], []
-    for key, word in (("eta_start", "starts"), ("eta_finish", "ends")):
-        t = pending.get(key)
-        if _num(t):
-            parts.append(f"{word} {relative(t, now)}")
-            title.append(f"{word} {_utc(t)}")
-    return " · ".join(parts), "; ".join(title)
-
-
-# -- the queue's rows ---------------------------------------------------------------------------------
-
-
-def _latest_progress(service: JobService, job_ids: list[str]) -> dict[str, dict[str, Any]]:
-    """The newest step, epoch or final event of each job (one pipelined round trip to Redis)."""
-    if not job_ids:
-        return {}
-    store = service.store
-    try:
-        pipe = store.client.pipeline(transaction=False)
-        for job_id in job_ids:
-            pipe.xrevrange(store.keys.events(job_id), count=PROGRESS_EVENTS)
-        replies = pipe.execute()
-    except (redis.ConnectionError, redis.TimeoutError) as err:
-        raise UnreachableError(f"Redis unreachable ({err}); check that redis-server is running") from None
-    out: dict[str, dict[str, Any]] = {}
-    for job_id, entries in zip(job_ids, replies, strict=True):
-        for _, fields in entries:
-            try:
-                event = json.loads(fields.get("data", "{}"))
-            except (TypeError, ValueError):
-                continue
-            if event.get("type") in ("step", "epoch", "final"):
-                out[job_id] = event
-                break
-    return out
-
-
-def progress_of(rec: JobRecord, event: dict[str, Any] | None) -> tuple[float | None, str]:
-    """How far a job got, as a fraction of its epochs (None: unknown) and a few words."""
-    if rec.state is JobState.SUCCEEDED:
-        top1 = (rec.result or {}).get("top1_error")
-        return 1.0, f"done · top-1 error {_pct(top1)}" if _num(top1) else "done"
-    if not event:
-        return None, ""
-    epochs, epoch = event.get("epochs"), event.get("epoch")
-    if event.get("type") == "final":
-        return 1.0, "final evaluation done"
-    if not (_num(epochs) and _num(epoch) and epochs > 0):
-        return None, ""
-    if event.get("type") == "step":
-        step, per_epoch = event.get("step"), event.get("steps_per_epoch")
-        done = epoch - 1 + (step / per_epoch if _num(step) and _num(per_epoch) and per_epoch else 0.0)
-        text = f"epoch {epoch}/{epochs} · step {step}/{per_epoch}"
-    else:
-        done, text = float(epoch), f"epoch {epoch}/{epochs} done"
-    return max(0.0, min(1.0, done / epochs)), text
-
-
-_ORDER = {
-    JobState.LAUNCHING: 0,
-    JobState.RUNNING: 0,
-    JobState.QUEUED: 1,
-    JobState.PREEMPTED: 1,
-    JobState.SUCCEEDED: 2,
-    JobState.FAILED: 2,
-    JobState.CANCELLED: 2,
-}
-
-
-def queue_rows(service: JobService, me: Caller, now: float) -> tuple[list[dict[str, Any]], int]:
-    """The rows of the queue page, in its order (running, then waiting by position, then ended, newest
-    first), and how many older ended jobs were left out."""
-    pending = service.pending()
-    records = [r for r in service.list() if can_read(me.user, r.user, r.team)]
-
-    def key(r: JobRecord) -> tuple:
-        group = _ORDER[r.state]
-        if group == 0:
-            return (0, r.started or r.updated, r.seq)
-        if group == 1:
-            position = (pending.get(r.id) or {}).get("position")
-            return (1, position if _num(position) else float("inf"), r.seq)
-        return (2, -r.updated, -r.seq)
-
-    records.sort(key=key)
-    ended = [r for r in records if r.state in TERMINAL]
-    hidden = max(0, len(ended) - MAX_ENDED)
-    if hidden:
-        dropped = {r.id for r in ended[MAX_ENDED:]}
-        records = [r for r in records if r.id not in dropped]
-    latest = _latest_progress(service, [r.id for r in records if r.state in ACTIVE])
-    rows = []
-    for r in records:
-        waits = pending.get(r.id) if r.state is JobState.QUEUED else None
-        eta, eta_title = eta_text(waits, now)
-        fraction, progress = progress_of(r, latest.get(r.id))
-        rows.append(
-            {
-                "id": r.id,
-                "name": r.name,
-                "state": r.state.value,
-                "cancel_requested": r.cancel_requested and r.state not in TERMINAL,
-                "user": r.user,
-                "team": r.team,
-                "priority": r.priority,
-                "position": (waits or {}).get("position"),
-                "why": (waits or {}).get("reason") or r.message,
-                "eta": eta,
-                "eta_title": eta_title,
-                "progress": fraction,
-                "progress_text": progress,
-            }
-        )
-    return rows, hidden
 
 
 COLUMNS = ("Job", "State", "User", "Team", "Priority", "Position", "Reason / message", "ETA", "Progress")
@@ -237,14 +74,14 @@ def _row_html(row: dict[str, Any]) -> str:
     if row["progress"] is not None:
         bar = f'<progress max="1" value="{row["progress"]:.4f}"></progress>'
     return (
-        f'<tr data-job-id="{_e(row["id"])}">'
-        f'<td><a href="/jobs/{jid}">{_e(row["id"])}</a><div class="sub">{_e(row["name"])}</div></td>'
-        f'<td><span class="badge state-{_e(state)}">{_e(row["state"])}</span>{note}</td>'
-        f"<td>{_e(row['user'])}</td><td>{_e(row['team'])}</td>"
-        f'<td class="num">{_e(row["priority"])}</td><td class="num">{_e(position)}</td>'
-        f'<td class="why">{_e(row["why"])}</td>'
-        f'<td class="eta" title="{_e(row["eta_title"])}">{_e(row["eta"])}</td>'
-        f'<td class="progress">{bar}<div class="sub">{_e(row["progress_text"])}</div></td>'
+        f'<tr data-job-id="{esc(row["id"])}">'
+        f'<td><a href="/jobs/{jid}">{esc(row["id"])}</a><div class="sub">{esc(row["name"])}</div></td>'
+        f'<td><span class="badge state-{esc(state)}">{esc(row["state"])}</span>{note}</td>'
+        f"<td>{esc(row['user'])}</td><td>{esc(row['team'])}</td>"
+        f'<td class="num">{esc(row["priority"])}</td><td class="num">{esc(position)}</td>'
+        f'<td class="why">{esc(row["why"])}</td>'
+        f'<td class="eta" title="{esc(row["eta_title"])}">{esc(row["eta"])}</td>'
+        f'<td class="progress">{bar}<div class="sub">{esc(row["progress_text"])}</div></td>'
         "</tr>"
     )
 
@@ -267,26 +104,26 @@ class Assets:
 def _layout(
     assets: Assets, title: str, body: str, *, me: Caller | None, page: str, data: dict[str, str] | None = None
 ) -> str:
-    attrs = "".join(f' data-{k}="{_e(v)}"' for k, v in (data or {}).items())
-    head_meta = f'<meta name="csrf-token" content="{_e(me.csrf)}">' if me else ""
+    attrs = "".join(f' data-{k}="{esc(v)}"' for k, v in (data or {}).items())
+    head_meta = f'<meta name="csrf-token" content="{esc(me.csrf)}">' if me else ""
     nav = ""
     if me:
         role = ' <span class="badge role">admin</span>' if me.user.admin else ""
         nav = (
             '<nav class="who">'
-            f'<span class="user"><strong>{_e(me.user.name)}</strong> · team {_e(me.user.team)}{role}</span>'
+            f'<span class="user"><strong>{esc(me.user.name)}</strong> · team {esc(me.user.team)}{role}</span>'
             '<form method="post" action="/logout" class="logout">'
-            f'<input type="hidden" name="csrf" value="{_e(me.csrf)}">'
+            f'<input type="hidden" name="csrf" value="{esc(me.csrf)}">'
             '<button type="submit" class="secondary">Log out</button></form></nav>'
         )
     return (
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{_e(title)} · alexnet-dist</title>{head_meta}"
+        f"<title>{esc(title)} · alexnet-dist</title>{head_meta}"
         f'<link rel="icon" href="{assets.url("favicon.svg")}" type="image/svg+xml">'
         f'<link rel="stylesheet" href="{assets.url("dashboard.css")}">'
         f'<script src="{assets.url("dashboard.js")}" defer></script>'
-        f'</head><body data-page="{_e(page)}"{attrs}>'
+        f'</head><body data-page="{esc(page)}"{attrs}>'
         f'<header class="top"><a class="brand" href="/">alexnet-dist</a>{nav}</header>'
         f"<main>{body}</main></body></html>"
     )
@@ -336,12 +173,12 @@ def _same_origin(request: Request) -> bool:
 
 
 def _login_page(assets: Assets, *, error: str = "", next_path: str = "/") -> str:
-    alert = f'<p class="error" role="alert">{_e(error)}</p>' if error else ""
+    alert = f'<p class="error" role="alert">{esc(error)}</p>' if error else ""
     body = (
         '<section class="login card"><h1>Log in</h1>'
         "<p>Paste the token an admin gave you (<code>alexnet-dist admin user add</code> printed it).</p>"
         f'{alert}<form method="post" action="/login">'
-        f'<input type="hidden" name="next" value="{_e(next_path)}">'
+        f'<input type="hidden" name="next" value="{esc(next_path)}">'
         '<label for="token">Token</label>'
         '<input id="token" name="token" type="password" autocomplete="current-password" required '
         'spellcheck="false" placeholder="adt_…">'
@@ -352,18 +189,18 @@ def _login_page(assets: Assets, *, error: str = "", next_path: str = "/") -> str
 
 def _error_page(assets: Assets, me: Caller | None, status: int, message: str) -> HTMLResponse:
     body = (
-        f'<section class="card"><h1>{status}</h1><p class="error">{_e(message)}</p>'
+        f'<section class="card"><h1>{status}</h1><p class="error">{esc(message)}</p>'
         '<p><a href="/">Back to the queue</a></p></section>'
     )
     return _page(_layout(assets, str(status), body, me=me, page="error"), status)
 
 
 def _queue_page(assets: Assets, me: Caller, rows: list[dict[str, Any]], hidden: int) -> str:
-    head = "".join(f"<th>{_e(c)}</th>" for c in COLUMNS)
+    head = "".join(f"<th>{esc(c)}</th>" for c in COLUMNS)
     body_rows = "".join(_row_html(r) for r in rows)
     empty = "" if rows else "No jobs yet: submit one with <code>alexnet-dist submit SPEC</code>."
     more = f"{hidden} older ended jobs not shown; see <code>alexnet-dist list</code>." if hidden else ""
-    scope = "every team" if me.user.admin else f"team {_e(me.user.team)}"
+    scope = "every team" if me.user.admin else f"team {esc(me.user.team)}"
     body = (
         f'<section><div class="title-row"><h1>Queue</h1><span class="scope">jobs of {scope}</span>'
         '<span id="refreshed" class="live" role="status"></span></div>'
@@ -376,7 +213,7 @@ def _queue_page(assets: Assets, me: Caller, rows: list[dict[str, Any]], hidden: 
 
 
 def _facts(items: list[tuple[str, str]]) -> str:
-    return "".join(f"<div><dt>{_e(k)}</dt><dd>{v}</dd></div>" for k, v in items)
+    return "".join(f"<div><dt>{esc(k)}</dt><dd>{v}</dd></div>" for k, v in items)
 
 
 def _job_page(assets: Assets, me: Caller, rec: JobRecord, pending: dict[str, Any] | None) -> str:
@@ -408,14 +245,14 @@ def _job_page(assets: Assets, me: Caller, rec: JobRecord, pending: dict[str, Any
         spec_text = rec.spec_json
     facts = _facts(
         [
-            ("User", _e(rec.user or "—")),
-            ("Team", _e(rec.team or "—")),
-            ("Priority", _e(rec.priority)),
-            ("Attempt", _e(rec.attempt)),
-            ("Preemptions", _e(rec.preemptions)),
-            ("Submitted", _when(rec.created)),
-            ("Started", _when(rec.started)),
-            ("Run", _e(shape)),
+            ("User", esc(rec.user or "—")),
+            ("Team", esc(rec.team or "—")),
+            ("Priority", esc(rec.priority)),
+            ("Attempt", esc(rec.attempt)),
+            ("Preemptions", esc(rec.preemptions)),
+            ("Submitted", when(rec.created)),
+            ("Started", when(rec.started)),
+            ("Run", esc(shape)),
         ]
     )
     waits = ""
@@ -433,11 +270,12 @@ def _job_page(assets: Assets, me: Caller, rec: JobRecord, pending: dict[str, Any
     note_hidden = "" if cancel_requested else " hidden"
     body = (
         '<p class="crumbs"><a href="/">← Queue</a></p>'
-        f'<section class="job-head"><h1>{_e(rec.name)} <code class="jobid">{_e(rec.id)}</code></h1>'
-        f'<p class="status-line"><span id="state" class="badge state-{_e(state.lower())}">{_e(state)}</span>'
+        f'<section class="job-head"><h1>{esc(rec.name)} <code class="jobid">{esc(rec.id)}</code></h1>'
+        f'<p class="status-line"><span id="state" class="badge state-{esc(state.lower())}">'
+        f"{esc(state)}</span>"
         f'<span id="cancel-note" class="note"{note_hidden}>cancel requested</span>'
-        f'<span id="message">{_e(rec.message)}</span></p>'
-        f'<p id="pending" class="pending"{"" if waits else " hidden"}>{_e(waits)}</p>'
+        f'<span id="message">{esc(rec.message)}</span></p>'
+        f'<p id="pending" class="pending"{"" if waits else " hidden"}>{esc(waits)}</p>'
         f'{actions}<dl class="facts">{facts}</dl></section>'
         '<section><h2>Progress</h2><div class="bars">'
         '<div class="bar"><span class="bar-label">Epoch <span id="epoch-text">—</span></span>'
@@ -468,17 +306,18 @@ def _job_page(assets: Assets, me: Caller, rec: JobRecord, pending: dict[str, Any
         '<section><h2>Result</h2><dl class="facts" id="result">'
         + _facts(
             [
-                ("Top-1 error", f'<span id="res-top1">{_e(_pct(top1))}</span>'),
-                ("Top-5 error", f'<span id="res-top5">{_e(_pct(top5))}</span>'),
-                ("Evaluation", f'<span id="res-crops">{_e(crops or "—")}</span>'),
-                ("Model", f'<code id="res-model">{_e(model or "not written yet")}</code>'),
+                ("Top-1 error", f'<span id="res-top1">{esc(percent(top1))}</span>'),
+                ("Top-5 error", f'<span id="res-top5">{esc(percent(top5))}</span>'),
+                ("Evaluation", f'<span id="res-crops">{esc(crops or "—")}</span>'),
+                ("Model", f'<code id="res-model">{esc(model or "not written yet")}</code>'),
             ]
         )
         + "</dl></section>"
         '<section><div class="title-row"><h2>Log</h2><span class="muted">last 50 lines</span>'
         '<button type="button" class="secondary" id="log-reload">Reload</button></div>'
         '<pre id="log" class="log">loading…</pre></section>'
-        f'<section><details><summary>Spec</summary><pre class="log">{_e(spec_text)}</pre></details></section>'
+        "<section><details><summary>Spec</summary>"
+        f'<pre class="log">{esc(spec_text)}</pre></details></section>'
     )
     data = {
         "job-id": rec.id,

@@ -202,7 +202,7 @@ def spec_markdown() -> str:
     out = [
         "# Job spec reference",
         "",
-        f"Generated from the models in `alexnet_dist/spec.py` by `{DOCS_COMMAND}`; edit the models' "
+        f"Generated from the models in `alexnet_dist/spec/models.py` by `{DOCS_COMMAND}`; edit the models' "
         "descriptions, not this file (a test compares the two).",
         "",
         "`alexnet-dist spec explain [FIELD]` prints the same reference in a terminal, `alexnet-dist spec "
