@@ -407,7 +407,8 @@ class JobStore:
             raise JobNotFoundError(f"job {job_id}: not found; check the id with `alexnet-dist list`")
         return JobRecord.from_hash(h)
 
-    def _get_many(self, ids: list[str]) -> list[JobRecord]:
+    def records(self, ids: list[str]) -> list[JobRecord]:
+        """The records of ``ids`` that exist, in that order (one round trip)."""
         pipe = self.client.pipeline(transaction=False)
         for jid in ids:
             pipe.hgetall(self.keys.job(jid))
@@ -418,14 +419,9 @@ class JobStore:
         """Every job id, in submission order."""
         return self._call(self.client.zrange, self.keys.index, 0, -1)
 
-    def records(self, ids: list[str]) -> list[JobRecord]:
-        """The records of ``ids`` that exist, in that order (one round trip)."""
-        return self._get_many(ids)
-
     def list(self, state: JobState | None = None, *, limit: int | None = None) -> list[JobRecord]:
         """Jobs in submission order (newest last), optionally of one state."""
-        ids = self._call(self.client.zrange, self.keys.index, 0, -1)
-        records = self._get_many(ids)
+        records = self.records(self.ids())
         if state is not None:
             records = [r for r in records if r.state is state]
         return records[-limit:] if limit else records
@@ -433,12 +429,12 @@ class JobStore:
     def queued(self, limit: int = 100) -> list[JobRecord]:
         """QUEUED jobs in the order they are served: highest priority first, FIFO within a priority."""
         members = self._call(self.client.zrange, self.keys.queue, 0, limit - 1)
-        return self._get_many([m.split(":", 1)[1] for m in members])
+        return self.records([m.split(":", 1)[1] for m in members])
 
     def active(self) -> list[JobRecord]:
         """Jobs in LAUNCHING or RUNNING."""
         job_keys = self._call(self.client.smembers, self.keys.active)
-        return self._get_many(sorted(k.removeprefix(self.keys.job("")) for k in job_keys))
+        return self.records(sorted(k.removeprefix(self.keys.job("")) for k in job_keys))
 
     def counts(self) -> dict[str, int]:
         out = {s.value: 0 for s in JobState}

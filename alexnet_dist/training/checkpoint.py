@@ -121,27 +121,34 @@ def read_checkpoint(directory: str | Path) -> dict[str, Any]:
     return state
 
 
-def _sibling_checkpoints(latest: Any) -> list[Any]:
-    """Every checkpoint directory beside ``latest`` (a ray.train.Checkpoint, or anything with a
-    ``siblings()`` method, as the local runner's checkpoints), newest first."""
-    if hasattr(latest, "siblings"):
-        return latest.siblings()
+def checkpoint_names(fs: Any, folder: str) -> list[str]:
+    """The checkpoint folders in ``folder`` of the pyarrow filesystem ``fs``, newest first (none if the
+    folder does not exist); an unreadable storage raises OSError."""
     import pyarrow.fs as pafs
-    from ray.train import Checkpoint
 
-    fs, path = latest.filesystem, latest.path.rstrip("/")
-    parent = path.rsplit("/", 1)[0]
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(parent, recursive=False))
-    except OSError as err:
-        log.warning("%s: cannot list checkpoints (%s); using the newest only", parent, err)
-        return [latest]
+    infos = fs.get_file_info(pafs.FileSelector(folder, recursive=False, allow_not_found=True))
     names = [
         i.base_name
         for i in infos
         if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")
     ]
-    names.sort(key=_sort_key, reverse=True)
+    return sorted(names, key=_sort_key, reverse=True)
+
+
+def _sibling_checkpoints(latest: Any) -> list[Any]:
+    """Every checkpoint directory beside ``latest`` (a ray.train.Checkpoint, or anything with a
+    ``siblings()`` method, as the local runner's checkpoints), newest first."""
+    if hasattr(latest, "siblings"):
+        return latest.siblings()
+    from ray.train import Checkpoint
+
+    fs, path = latest.filesystem, latest.path.rstrip("/")
+    parent = path.rsplit("/", 1)[0]
+    try:
+        names = checkpoint_names(fs, parent)
+    except OSError as err:
+        log.warning("%s: cannot list checkpoints (%s); using the newest only", parent, err)
+        return [latest]
     out = [Checkpoint(path=f"{parent}/{n}", filesystem=fs) for n in names]
     if not any(c.path.rstrip("/") == path for c in out):
         out.insert(0, latest)

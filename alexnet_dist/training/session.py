@@ -74,25 +74,15 @@ class RaySession:
         return self._stored_checkpoint()
 
     def _stored_checkpoint(self) -> Any | None:
-        import pyarrow.fs as pafs
-
-        from alexnet_dist.training.checkpoint import _sort_key
+        from alexnet_dist.training.checkpoint import checkpoint_names
 
         try:
             storage = self._train.get_context().get_storage()
             fs, run = storage.storage_filesystem, storage.experiment_fs_path.rstrip("/")
-            infos = fs.get_file_info(pafs.FileSelector(run, recursive=False, allow_not_found=True))
+            names = checkpoint_names(fs, run)
         except (AttributeError, OSError):  # a Ray without this developer API, or storage not readable
             return None
-        names = [
-            i.base_name
-            for i in infos
-            if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")
-        ]
-        if not names:
-            return None
-        newest = max(names, key=_sort_key)
-        return self._train.Checkpoint(path=f"{run}/{newest}", filesystem=fs)
+        return self._train.Checkpoint(path=f"{run}/{names[0]}", filesystem=fs) if names else None
 
     def report(
         self,

@@ -138,22 +138,11 @@ def test_every_endpoint(api: ApiServer, manifests: tuple[str, str]) -> None:
 
     # ... and as JSON, idempotent by client key: the same key returns the first job (200, not 201)
     spec_json = store.get(jid).spec.to_json()
-    first = call(
-        api,
-        "POST",
-        "/api/v1/jobs?client_key=k1",
-        token=alice,
-        body=spec_json,
-        headers={"Content-Type": "application/json"},
-    )
-    again = call(
-        api,
-        "POST",
-        "/api/v1/jobs?client_key=k1",
-        token=alice,
-        body=spec_json,
-        headers={"Content-Type": "application/json"},
-    )
+    first, again = (
+        call(api, "POST", "/api/v1/jobs?client_key=k1", token=alice, body=spec_json,
+             headers={"Content-Type": "application/json"})
+        for _ in range(2)
+    )  # fmt: skip
     assert (first[0], again[0]) == (201, 200) and first[1]["id"] == again[1]["id"]
     assert again[1]["created"] is False
 
