@@ -99,6 +99,12 @@ class ClusterError(AlexNetDistError):
     exit_code = 6
 
 
+class NodeLostError(ClusterError):
+    """A Ray node that held workers of a run died under it (a spot reclaim, a hardware fault): the
+    cluster's fault, not the job's, so the service queues a new attempt without spending a retry; it
+    resumes from the newest checkpoint once the cluster has room for its workers again."""
+
+
 class JobYielded(AlexNetDistError):
     """A run checkpointed and stopped because the service asked it to yield (preemption); not a failure:
     the job goes back in the queue and resumes from that checkpoint."""

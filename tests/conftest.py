@@ -148,6 +148,20 @@ def s3(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
     return s3_server
 
 
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 5 MiB tmpfs: room for one checkpoint of the small preset (3.5 MiB), not for two."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
 @pytest.fixture(scope="session")
 def fashion_mnist_dir() -> Path:
     if not (FASHION_MNIST / "train-images-idx3-ubyte.gz").exists():
@@ -170,7 +184,8 @@ class RayHeadProcess:
     head started in its place at the same address. Started with the venv's bin on PATH, so Ray Jobs find
     the ``alexnet-dist`` entrypoint."""
 
-    def __init__(self, log_path: Path) -> None:
+    def __init__(self, log_path: Path, *, num_cpus: int = 2) -> None:
+        self.num_cpus = num_cpus
         self.ports = {
             k: free_port()
             for k in ("port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port")
@@ -193,7 +208,7 @@ class RayHeadProcess:
                     "start",
                     "--head",
                     "--block",
-                    "--num-cpus=2",
+                    f"--num-cpus={self.num_cpus}",
                     "--disable-usage-stats",
                     "--dashboard-host=127.0.0.1",
                     *[f"--{k}={v}" for k, v in self.ports.items()],
@@ -215,18 +230,85 @@ class RayHeadProcess:
 
     def kill(self, sig: int | None = None) -> None:
         """End every process of this head (``ray stop`` would stop every Ray on the machine)."""
-        import signal
+        _kill_group(self.proc, sig)
+        self.proc = None
 
-        if self.proc is None:
-            return
-        try:
-            os.killpg(self.proc.pid, sig or signal.SIGTERM)
-            self.proc.wait(3)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-        except ProcessLookupError:
-            pass
+
+def _kill_group(proc: subprocess.Popen | None, sig: int | None) -> None:
+    import signal
+
+    if proc is None:
+        return
+    try:
+        os.killpg(proc.pid, sig or signal.SIGTERM)
+        proc.wait(3)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    except ProcessLookupError:
+        pass
+
+
+class RayNodeProcess:
+    """A worker node joining a head: ``ray start --address --block`` with a raylet of its own, in a
+    process group of its own, so that killing it takes the node and its workers down at once, as a
+    reclaimed spot instance does. Every port it opens is its own (several raylets share this machine);
+    a custom resource ``node:<name>`` tells the test which node is which."""
+
+    def __init__(self, head: RayHead, name: str, log_path: Path, *, num_cpus: int = 1, base: int) -> None:
+        self.head, self.name, self.log, self.num_cpus, self.base = head, name, log_path, num_cpus, base
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 90) -> None:
+        import json
+        import sys
+
+        from alexnet_dist.service.launcher import RayJobsLauncher
+
+        ports = {
+            k: free_port()
+            for k in (
+                "node-manager-port",
+                "object-manager-port",
+                "runtime-env-agent-port",
+                "dashboard-agent-grpc-port",
+                "dashboard-agent-listen-port",
+                "metrics-export-port",
+            )
+        }
+        env = {
+            **os.environ,
+            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+            "RAY_AUTH_MODE": "token",  # the head's token (~/.ray/auth_token), as its own nodes need
+        }
+        with open(self.log, "a") as log:
+            self.proc = subprocess.Popen(
+                [
+                    str(Path(sys.executable).parent / "ray"),
+                    "start",
+                    "--block",
+                    f"--address={self.head.address}",
+                    f"--num-cpus={self.num_cpus}",
+                    "--disable-usage-stats",
+                    f"--resources={json.dumps({f'node:{self.name}': 1})}",
+                    f"--min-worker-port={self.base}",
+                    f"--max-worker-port={self.base + 200}",
+                    *[f"--{k}={v}" for k, v in ports.items()],
+                ],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        launcher = RayJobsLauncher(self.head.dashboard_url)
+        deadline = time.monotonic() + timeout
+        while not any(f"node:{self.name}" in n for n in launcher.nodes()):
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError(f"Ray node {self.name} did not join; see {self.log}")
+            time.sleep(0.5)
+
+    def kill(self, sig: int | None = None) -> None:
+        _kill_group(self.proc, sig)
         self.proc = None
 
 

@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from alexnet_dist.cli.app import app
-from alexnet_dist.errors import ConfigError, JobYielded
+from alexnet_dist.errors import ConfigError, JobYielded, NodeLostError
 from alexnet_dist.service.connection import connect
 from alexnet_dist.service.launcher import RayJobsLauncher
 from alexnet_dist.service.operations import JobService, outcome_error
@@ -410,5 +410,8 @@ def run_job(job_id: str, attempt: int = typer.Option(..., help="the attempt this
         service.yielded(job_id, attempt)
         out.print(f"{job_id}: {yielded}")
         return
+    except NodeLostError as lost:
+        service.node_lost(job_id, attempt, str(lost))  # the dispatcher queues it again, no retry spent
+        raise
     service.store_result(job_id, res.to_dict())
     out.print(f"{job_id}: stored result")

@@ -21,6 +21,8 @@ import time
 import uuid
 from collections.abc import Callable
 
+import redis
+
 from alexnet_dist.data.manifest import load_manifest
 from alexnet_dist.errors import AlexNetDistError, ClusterError, QueueError
 from alexnet_dist.service.launcher import Launcher, LaunchStatus, default_entrypoint
@@ -45,7 +47,7 @@ log = logging.getLogger(__name__)
 # A stopping Ray Job still reads RUNNING until Ray's grace period after SIGTERM ends: ask Ray to stop it
 # once, and again only if it still runs this long after.
 _RESTOP_AFTER_S = 30.0
-_MAX_LOST = 5  # a job whose Ray Job vanishes this many times (head restarts) fails: a cluster problem
+_MAX_LOST = 5  # a job lost with the cluster this many times (head restarts, nodes lost) fails
 
 # Renew only when the lock is still ours; release likewise (never delete another holder's lock).
 _RENEW = """if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
@@ -199,6 +201,8 @@ class Dispatcher:
             else:
                 why = "cancelled" if rec.cancel_requested else f"Ray job {sid} stopped outside the service"
                 q.transition(rec, JobState.CANCELLED, message=why, lock_token=token)
+        elif rec.node_lost:  # its run lost a node (it said so before exiting): the cluster's fault
+            self._lost(rec, f"Ray job {sid}: {rec.node_lost}")
         elif asked:  # died while asked to yield: a preemption, never one of its retries
             q.preempted(rec, lock_token=token, why=f"preempted: Ray job {sid} ended before yielding")
         else:
@@ -213,9 +217,10 @@ class Dispatcher:
         self._stopped[sid] = now
 
     def _lost(self, rec: JobRecord, why: str) -> None:
-        """The cluster no longer knows the job's Ray Job (its head restarted, or its state was lost): not
-        the job's failure, so a new attempt from the newest checkpoint, its retries untouched. A job that
-        keeps vanishing (``_MAX_LOST`` times) fails, so a broken cluster cannot loop it for ever."""
+        """The attempt was lost with the cluster: its Ray Job vanished (the head restarted, its state was
+        lost) or a node under its run died. Not the job's failure, so a new attempt from the newest
+        checkpoint, its retries untouched; it waits in the queue until the cluster has room for it. A job
+        lost ``_MAX_LOST`` times fails, so a broken cluster cannot loop it for ever."""
         if rec.cancel_requested or rec.lost >= _MAX_LOST:
             self._failed(rec, f"{why} ({rec.lost + 1} times)" if rec.lost else why)
             return
@@ -225,7 +230,7 @@ class Dispatcher:
             JobState.QUEUED,
             attempt=rec.attempt + 1,
             message=msg[:500],
-            fields={"lost": rec.lost + 1, "started": 0, "borrowed": 0},
+            fields={"lost": rec.lost + 1, "node_lost": "", "started": 0, "borrowed": 0},
             lock_token=self.token,
         )
 
@@ -409,7 +414,8 @@ class Dispatcher:
                     elif leading:
                         log.warning("dispatcher %s: lost the lock; waiting", self.token[:8])
                         leading = False
-                except (ClusterError, QueueError) as err:
+                except (ClusterError, QueueError, redis.ConnectionError, redis.TimeoutError) as err:
+                    # Redis or Ray away (a restart, a network cut): wait, and take up the work when back
                     log.warning("dispatcher: %s; retrying in %.1fs", err, self.interval_s)
                 stop.wait(self.interval_s)
         finally:

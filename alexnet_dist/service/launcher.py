@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from alexnet_dist.errors import ClusterError
+from alexnet_dist.ray_token import use_cluster_token
 from alexnet_dist.settings import Settings
 
 __all__ = ["LIVE", "LaunchStatus", "Launcher", "RayJobsLauncher", "default_entrypoint", "job_env"]
@@ -65,36 +66,13 @@ def job_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-def _use_cluster_token() -> None:
-    """Send the local cluster's auth token, as ``ray.init(address="auto")`` and ``ray start`` do.
-
-    Ray 2.60 turns token auth on for clusters started with ``ray start --head``, but its
-    ``JobSubmissionClient`` sends the token (``~/.ray/auth_token``, ``RAY_AUTH_TOKEN``) only when
-    ``RAY_AUTH_MODE=token``; without it every call is refused as "Missing authentication token".
-    An explicit ``RAY_AUTH_MODE`` (e.g. ``disabled``) is respected; Ray does the reading.
-    """
-    try:
-        from ray._private.authentication.authentication_token_setup import (
-            maybe_enable_token_auth_if_token_available,
-        )
-    except ImportError:  # a Ray without token auth
-        return
-    quiet = logging.getLogger(maybe_enable_token_auth_if_token_available.__module__)
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # its "token authentication is enabled" warning is no news to a client
-    try:
-        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-    finally:
-        quiet.setLevel(level)
-
-
 class RayJobsLauncher:
     """Ray Jobs through the dashboard's REST API (``JobSubmissionClient``)."""
 
     def __init__(self, dashboard_url: str) -> None:
         from ray.job_submission import JobSubmissionClient
 
-        _use_cluster_token()
+        use_cluster_token()
         self.url = dashboard_url
         try:
             self._client = JobSubmissionClient(dashboard_url)
@@ -156,7 +134,11 @@ class RayJobsLauncher:
         from ray.util.state import list_nodes
 
         try:
-            nodes = list_nodes(address=self.url, filters=[("state", "=", "ALIVE")])
+            # A dead node stays listed (and unreachable) for a while: without raise_on_missing_output=False
+            # Ray refuses the whole listing, and nothing would launch until the dead node is forgotten.
+            nodes = list_nodes(
+                address=self.url, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False
+            )
         except Exception as err:
             raise self._fail("Ray nodes", err) from None
         return [dict(n.resources_total) for n in nodes]

@@ -268,8 +268,18 @@ class JobService:
     # -- what a Ray Job's driver does ------------------------------------------------------------------
 
     def current_attempt(self, job_id: str, attempt: int) -> JobRecord:
-        """The job's record if ``attempt`` is still its current one: a superseded attempt must not train."""
-        rec = self.store.get(job_id)
+        """The job's record if ``attempt`` is still its current one: a superseded attempt must not train.
+        A Ray Job starting while Redis restarts waits for it (up to ``reconnect_s``) rather than fail."""
+        deadline = time.monotonic() + self.reconnect_s
+        while True:
+            try:
+                rec = self.store.get(job_id)
+                break
+            except UnreachableError as err:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("job %s: %s; trying again", job_id, err)
+                time.sleep(1.0)
         if rec.attempt != attempt:
             raise QueueError(
                 f"job {job_id}: attempt {attempt} is stale (current {rec.attempt}); not running it"
@@ -296,6 +306,11 @@ class JobService:
     def yield_signal(self, job_id: str, redis_url: str) -> YieldSignal:
         """Where the job's run hears that the dispatcher wants its room back (its record's field)."""
         return YieldSignal(redis_url, self.store.keys.job(job_id), "yield_requested")
+
+    def node_lost(self, job_id: str, attempt: int, why: str) -> None:
+        """The run of ``attempt`` stopped because a node under it died: the dispatcher queues it again
+        without spending a retry."""
+        self.store.mark_node_lost(job_id, attempt, why)
 
     def yielded(self, job_id: str, attempt: int) -> None:
         """The run of ``attempt`` checkpointed and stopped when asked to: the dispatcher queues it again."""

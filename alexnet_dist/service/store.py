@@ -119,7 +119,8 @@ class JobRecord:
     yielded: bool = False  # its run checkpointed and stopped because it was asked to yield
     preemptions: int = 0  # times it yielded its room (never counted against its retries)
     borrowed: bool = False  # this attempt was launched past its team's quota (the first to be preempted)
-    lost: int = 0  # times its Ray Job vanished with the cluster (a head restart): never counted as failures
+    lost: int = 0  # times an attempt was lost with the cluster (head restart, node lost): never failures
+    node_lost: str = ""  # set by the attempt's run when a node under it died: why (the dispatcher requeues)
 
     @property
     def spec(self) -> JobSpec:
@@ -173,6 +174,7 @@ class JobRecord:
             preemptions=int(h.get("preemptions", 0)),
             borrowed=h.get("borrowed") == "1",
             lost=int(h.get("lost", 0)),
+            node_lost=h.get("node_lost", ""),
         )
 
 
@@ -340,6 +342,13 @@ class JobStore:
         if rec.attempt != attempt or rec.state is not JobState.RUNNING:
             return False
         return self.transition(rec, None, message="yielded at a checkpoint", fields={"yielded": 1})
+
+    def mark_node_lost(self, job_id: str, attempt: int, why: str) -> bool:
+        """Record that ``attempt``'s run stopped because a Ray node under it died (``why``, one line)."""
+        rec = self.get(job_id)
+        if rec.attempt != attempt or rec.state is not JobState.RUNNING:
+            return False
+        return self.transition(rec, None, message=why[:500], fields={"node_lost": why[:500]})
 
     def preempted(self, record: JobRecord, *, lock_token: str, why: str) -> bool:
         """RUNNING -> PREEMPTED -> QUEUED at the job's original place in its priority, as a new attempt

@@ -80,7 +80,7 @@ def copy_with_room(source: str | Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(target.parent).free
     if free < needed:
-        raise _no_room(target, needed, free)
+        raise no_room(target, needed, free)
     staging = target.parent / f".{target.name}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     try:
@@ -88,7 +88,7 @@ def copy_with_room(source: str | Path, target: Path) -> None:
     except OSError as err:
         shutil.rmtree(staging, ignore_errors=True)
         if _disk_full(err):
-            raise _no_room(target, needed, shutil.disk_usage(target.parent).free) from None
+            raise no_room(target, needed, shutil.disk_usage(target.parent).free) from None
         raise CheckpointError(f"{target}: checkpoint not written ({err.strerror or err})") from None
     os.replace(staging, target)  # committed whole or not at all
 
@@ -97,7 +97,7 @@ def _disk_full(err: BaseException) -> bool:
     return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
-def _no_room(target: Path, needed: int, free: int) -> CheckpointError:
+def no_room(target: Path | str, needed: int, free: int) -> CheckpointError:
     return CheckpointError(
         f"{target}: no room for the checkpoint ({needed / 2**20:.1f} MiB needed, {free / 2**20:.1f} MiB "
         "free); free space there or set checkpoint.storage elsewhere (the previous checkpoints are kept)"

@@ -14,8 +14,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from alexnet_dist.errors import ClusterError, ConfigError, JobYielded
+from alexnet_dist.errors import ClusterError, ConfigError, JobYielded, NodeLostError
 from alexnet_dist.events import EventTarget, YieldSignal
+from alexnet_dist.ray_token import use_cluster_token
 from alexnet_dist.settings import Settings
 from alexnet_dist.spec import JobSpec
 from alexnet_dist.training.loop import train_loop_per_worker
@@ -180,6 +181,8 @@ def run_training(
 
     if not ray.is_initialized():
         address = ray_address(settings)
+        if address != "local":
+            use_cluster_token()  # a cluster of `ray start --head` wants its token
         try:
             ray.init(address=address, log_to_driver=True, configure_logging=False)
         except (ConnectionError, RuntimeError) as err:
@@ -195,17 +198,99 @@ def run_training(
     t0 = time.perf_counter()
     import ray.train
 
+    nodes = _alive_nodes()
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as err:
-        first = (str(err).strip().splitlines() or ["?"])[0]
+        lost = _nodes_lost(err, nodes)
+        if lost:
+            raise NodeLostError(
+                f"training run {run_name!r}: Ray node {', '.join(n[:12] for n in lost)} died under it; its "
+                "checkpoints are kept, and it resumes from the newest once the cluster has room again"
+            ) from err
         raise ClusterError(
-            f"training run {run_name!r} failed after {spec.retries} retries ({first}); "
+            f"training run {run_name!r} failed after {spec.retries} retries ({_failure_line(err)}); "
             f"its checkpoints are kept: run it again to resume"
         ) from err
     if result.error is not None:
         raise ClusterError(f"training run {run_name!r} failed: {result.error}")
     return result_from_metrics(result.metrics, time.perf_counter() - t0, _checkpoint_url(result.checkpoint))
+
+
+# How long a failed run waits for the GCS to declare a dead node dead: its health check misses 5 beats
+# 3 s apart (Ray's defaults), counted from the node's death, not from the run's failure.
+NODE_DEATH_WAIT_S = 45.0
+
+
+def _failure_line(err: Exception) -> str:
+    """One line for a failed run: a worker's error, the last line of its traceback. One of this
+    package's errors comes first (the others' are often its echo: a collective cut by the dead rank),
+    then the lowest rank's; without worker errors, the first line of Ray's summary."""
+    ours = "alexnet_dist.errors."
+    lasts = []
+    for rank, failure in sorted((getattr(err, "worker_failures", None) or {}).items()):
+        lines = [ln.strip() for ln in str(failure).strip().splitlines() if ln.strip()]
+        if lines:
+            lasts.append((not lines[-1].startswith(ours), rank, lines[-1]))
+    if not lasts:
+        return (str(err).strip().splitlines() or ["?"])[0]
+    _, rank, line = min(lasts)
+    return f"rank {rank}: {line.removeprefix(ours)}"
+
+
+def _alive_nodes() -> set[str]:
+    import ray
+
+    return {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+
+
+def _nodes_lost(err: Exception, before: set[str], *, probe_s: float = 3.0) -> list[str]:
+    """The nodes under a failed run that died: when ``err`` says a worker's process vanished (an actor
+    error, not an exception in the training code), each node such a worker ran on (``before``, the nodes
+    alive at the start, when the error does not name it) that the GCS declares dead or whose raylet no
+    longer answers within ``probe_s``; else []. A worker that died on a live node is no node loss."""
+    import re
+    import socket
+
+    import ray
+    from ray.exceptions import RayActorError
+
+    gone = []
+    for e in (getattr(err, "worker_failures", None) or {}).values():
+        cause = getattr(e, "health_check_failure", e)  # Ray Train wraps a failed poll of the worker
+        if isinstance(cause, RayActorError):
+            gone.append(str(e))
+    if not gone:
+        return []
+    named = {m for text in gone for m in re.findall(r"node_id='([0-9a-f]+)'", text)} & before
+    try:
+        nodes = {n["NodeID"]: n for n in ray.nodes()}
+    except Exception:  # the GCS itself is gone: the head's fault, which the dispatcher sees on its own
+        return []
+    dead = []
+    for node_id in sorted(named or before):
+        node = nodes.get(node_id, {})
+        if node.get("Alive"):
+            try:
+                addr = (node["NodeManagerAddress"], int(node["NodeManagerPort"]))
+                with socket.create_connection(addr, timeout=probe_s):
+                    continue  # its raylet answers: the node lives, only a worker died
+            except (KeyError, ValueError):
+                continue
+            except OSError:
+                pass  # refused or silent: gone, before the GCS's health check says so
+        dead.append(node_id)
+    # Before the attempt ends, wait (a bounded while) for the GCS to declare them dead too: the
+    # dispatcher sizes the cluster from the GCS, and would relaunch onto a node that is not there.
+    deadline = time.monotonic() + NODE_DEATH_WAIT_S
+    while dead and time.monotonic() < deadline:
+        try:
+            if not any(n.get("Alive") for n in ray.nodes() if n["NodeID"] in dead):
+                break
+        except Exception:
+            break
+        time.sleep(1.0)
+    return dead
 
 
 def ray_address(settings: Settings, *, timeout_s: float = 5.0) -> str:

@@ -84,6 +84,27 @@ class RaySession:
             return None
         return self._train.Checkpoint(path=f"{run}/{names[0]}", filesystem=fs) if names else None
 
+    def _check_room(self, checkpoint_dir: str, name: str | None) -> None:
+        """On local storage, a checkpoint the disk has no room for fails here, in one line naming the
+        folder and the space needed, before Ray copies any of it (a copy cut by a full disk would leave
+        a half folder, never registered and skipped on resume, and an error that names neither)."""
+        from alexnet_dist.training.checkpoint import folder_bytes, no_room
+
+        try:
+            storage = self._train.get_context().get_storage()
+            fs, run = storage.storage_filesystem, storage.experiment_fs_path
+        except AttributeError:  # a Ray without this developer API: Ray's own error, if any, then
+            return
+        if type(fs).__name__ != "LocalFileSystem":
+            return
+        import shutil
+
+        target = f"{run.rstrip('/')}/{name or 'checkpoint'}"
+        needed = folder_bytes(checkpoint_dir)
+        free = shutil.disk_usage(run).free
+        if free < needed:
+            raise no_room(target, needed, free)
+
     def report(
         self,
         metrics: dict[str, Any],
@@ -95,6 +116,7 @@ class RaySession:
         if checkpoint_dir is None:
             self._train.report(metrics, checkpoint=None)
             return
+        self._check_room(checkpoint_dir, name)
         checkpoint = self._train.Checkpoint.from_directory(checkpoint_dir)
         mode = self._train.CheckpointUploadMode.ASYNC if background else self._train.CheckpointUploadMode.SYNC
         self._train.report(

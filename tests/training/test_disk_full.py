@@ -4,9 +4,6 @@ stays loadable (and a run resumes from it once there is room)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,20 +16,6 @@ from alexnet_dist.training.checkpoint import read_checkpoint
 from alexnet_dist.training.local import run_local
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 5 MiB tmpfs: room for one checkpoint of the small preset (3.5 MiB), not for two."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(mount)], check=True)
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_a_checkpoint_that_does_not_fit_fails_in_one_line_and_keeps_the_last_good_one(

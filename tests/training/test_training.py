@@ -6,6 +6,7 @@ Every test here runs real Ray Train workers (2 on the 2 CPUs) on real Fashion-MN
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -178,3 +179,79 @@ def test_checkpoints_and_model_land_in_s3(ray_cluster, shards, s3_server, monkey
     assert model_file["num_classes"] == 10 and model_file["config"]["name"] == "small"
     assert abs(model_file["source"]["top1_error"] - result.top1_error) < 1e-12
     assert result.checkpoint_url and result.checkpoint_url.startswith(f"s3://{bucket}/runs/s3run/checkpoint_")
+
+
+def test_a_full_disk_under_ray_train_fails_in_one_line_and_keeps_the_last_checkpoint(
+    ray_cluster, shards, small_disk
+) -> None:
+    """Ray Train's own checkpoint persistence on a 5 MiB tmpfs: the first checkpoint (3.5 MiB) fits, the
+    second does not. The run fails in one line naming the folder and the room needed, before Ray copies
+    anything, and the first checkpoint stays whole and loadable."""
+    from alexnet_dist.training.checkpoint import read_checkpoint
+
+    spec = make_spec(shards, str(small_disk), train__epochs=1)
+    with pytest.raises(ClusterError) as caught:
+        run_training(spec, run_name="full", settings=Settings())
+    message = str(caught.value)
+    assert "\n" not in message, message
+    assert f"rank 0: CheckpointError: {small_disk}/full/checkpoint_0000000006" in message, message
+    assert "no room for the checkpoint (" in message and "MiB needed" in message, message
+    kept = sorted(p for p in (small_disk / "full").iterdir() if p.name.startswith("checkpoint_"))
+    assert [p.name[: len("checkpoint_0000000003")] for p in kept] == ["checkpoint_0000000003"]
+    state = read_checkpoint(kept[0])
+    assert (state["global_step"], state["finished"]) == (3, False)
+    print(f"\nfull disk under Ray Train: {message}")
+
+
+def test_ray_train_checkpoint_uploads_ride_out_s3_faults(ray_cluster, shards, s3_server, tmp_path) -> None:
+    """Ray Train's own checkpoint uploads (pyarrow's S3 filesystem) through a proxy that resets every
+    connection for 1.5 s one MiB into the first checkpoint's upload, and answers 503 for 2 s one MiB
+    into the third's. The run ends as the same run on local storage does, weight for weight, and every
+    checkpoint it left in S3 is whole."""
+    import io
+    import threading
+
+    from proxies import FaultProxy
+
+    bucket = s3_server.make_bucket("faulty")
+    proxy = FaultProxy(s3_server.endpoint_url)
+    mib = 2**20
+    checkpoint_bytes = 3.5 * mib  # the small preset's model and momentum
+
+    def faults() -> None:
+        for at, mode, for_s in ((1 * mib, "drop", 1.5), (2 * checkpoint_bytes + mib, "http503", 2.0)):
+            while proxy.bytes < at:
+                time.sleep(0.01)
+            proxy.set_mode(mode, for_s=for_s)
+
+    settings = Settings(s3_endpoint_url=proxy.endpoint_url)
+    local = make_spec(shards, str(tmp_path), train__epochs=1)
+    reference = run_training(local, run_name="ref", settings=settings)
+    injector = threading.Thread(target=faults, daemon=True)
+    injector.start()
+    spec = make_spec(shards, f"s3://{bucket}/runs", train__epochs=1)
+    t0 = time.monotonic()
+    result = run_training(spec, run_name="faulty", settings=settings)
+    took = time.monotonic() - t0
+    injector.join(1)
+    proxy.close()
+    assert proxy.resets > 0 and proxy.answered_503 > 0, (proxy.resets, proxy.answered_503)
+    got = _s3_weights(s3_server, bucket, "runs/faulty/model.pt")
+    assert_same_weights(load_weights(reference.model_url), got)
+    keys = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket=bucket)["Contents"]]
+    ckpts = sorted(k for k in keys if k.endswith("/checkpoint.pt"))
+    assert sorted({int(k.split("/")[2].split("_")[1]) for k in ckpts}) == [3, 6, 9, 12, 15, 16]
+    for key in ckpts:  # each loads whole
+        body = s3_server.client().get_object(Bucket=bucket, Key=key)["Body"].read()
+        torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)
+    print(
+        f"\nS3 faults under Ray Train's uploads: {proxy.resets} connections reset, {proxy.answered_503} "
+        f"requests answered 503; run of {result.steps} steps took {took:.1f} s"
+    )
+
+
+def _s3_weights(s3_server, bucket: str, key: str) -> dict[str, torch.Tensor]:
+    import io
+
+    body = s3_server.client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    return torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)["model"]
