@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from alexnet_dist.errors import ClusterError, ConfigError, JobYielded, NodeLostError
+from alexnet_dist.errors import AlexNetDistError, ClusterError, ConfigError, JobYielded, NodeLostError
 from alexnet_dist.events import EventTarget, YieldSignal
 from alexnet_dist.ray_token import use_cluster_token
 from alexnet_dist.settings import Settings
@@ -62,26 +62,25 @@ class _Storage:
 
 def resolve_storage(url: str, *, settings: Settings) -> _Storage:
     if url.startswith("s3://"):
-        import pyarrow.fs as pafs
-
         bucket_prefix = url[len("s3://") :].strip("/")
         if not bucket_prefix:
             raise ConfigError(f"checkpoint.storage={url!r}: needs a bucket, e.g. s3://my-bucket/runs")
         from alexnet_dist import storage
+        from alexnet_dist.training.s3fs import BoundedS3FileSystem
 
         # The same bounds and retries as the package's own S3 client: pyarrow's defaults try 3 times
         # and wait on a silent endpoint without a limit of ours.
         kwargs: dict[str, Any] = {
             "connect_timeout": storage.CONNECT_TIMEOUT_S,
             "request_timeout": storage.READ_TIMEOUT_S,
-            "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=storage.S3_ATTEMPTS),
         }
         if settings.s3_endpoint_url:
             scheme, _, host = settings.s3_endpoint_url.partition("://")
             kwargs.update(endpoint_override=host.rstrip("/"), scheme=scheme)
         if settings.aws_region:
             kwargs["region"] = settings.aws_region
-        return _Storage(url.rstrip("/"), bucket_prefix, pafs.S3FileSystem(**kwargs))
+        fs = BoundedS3FileSystem(attempts=storage.S3_ATTEMPTS, **kwargs)
+        return _Storage(url.rstrip("/"), bucket_prefix, fs)
     if "://" in url and not url.startswith("file://"):
         raise ConfigError(f"checkpoint.storage={url!r}: use s3://bucket/prefix, file:///path or a local path")
     path = os.path.abspath(url.removeprefix("file://"))
@@ -208,8 +207,12 @@ def run_training(
                 f"training run {run_name!r}: Ray node {', '.join(n[:12] for n in lost)} died under it; its "
                 "checkpoints are kept, and it resumes from the newest once the cluster has room again"
             ) from err
+        line, ours = _failure(err)
+        if ours:  # it says what to do itself
+            failed = f"training run {run_name!r} failed after {spec.retries} retries"
+            raise ClusterError(f"{failed}: {line}") from err
         raise ClusterError(
-            f"training run {run_name!r} failed after {spec.retries} retries ({_failure_line(err)}); "
+            f"training run {run_name!r} failed after {spec.retries} retries ({line}); "
             f"its checkpoints are kept: run it again to resume"
         ) from err
     if result.error is not None:
@@ -222,20 +225,21 @@ def run_training(
 NODE_DEATH_WAIT_S = 45.0
 
 
-def _failure_line(err: Exception) -> str:
-    """One line for a failed run: a worker's error, the last line of its traceback. One of this
-    package's errors comes first (the others' are often its echo: a collective cut by the dead rank),
-    then the lowest rank's; without worker errors, the first line of Ray's summary."""
-    ours = "alexnet_dist.errors."
-    lasts = []
+def _failure(err: Exception) -> tuple[str, bool]:
+    """One line for a failed run, and whether it is one of this package's errors (which says what to do
+    itself). A worker's error comes first, one of ours before the others (often its echo: a collective
+    cut by the rank that died), then the lowest rank's: the last line of what it says. Without worker
+    errors, the first line of Ray's summary."""
+    found = []
     for rank, failure in sorted((getattr(err, "worker_failures", None) or {}).items()):
         lines = [ln.strip() for ln in str(failure).strip().splitlines() if ln.strip()]
         if lines:
-            lasts.append((not lines[-1].startswith(ours), rank, lines[-1]))
-    if not lasts:
-        return (str(err).strip().splitlines() or ["?"])[0]
-    _, rank, line = min(lasts)
-    return f"rank {rank}: {line.removeprefix(ours)}"
+            ours = isinstance(failure, AlexNetDistError)
+            found.append((not ours, rank, lines[-1].removeprefix("alexnet_dist.errors.")))
+    if not found:
+        return (str(err).strip().splitlines() or ["?"])[0], False
+    theirs, rank, line = min(found)
+    return f"rank {rank}: {line}", not theirs
 
 
 def _alive_nodes() -> set[str]:

@@ -194,9 +194,12 @@ def test_a_full_disk_under_ray_train_fails_in_one_line_and_keeps_the_last_checkp
         run_training(spec, run_name="full", settings=Settings())
     message = str(caught.value)
     assert "\n" not in message, message
-    assert f"rank 0: CheckpointError: {small_disk}/full/checkpoint_0000000006" in message, message
+    head = f"training run 'full' failed after 0 retries: rank 0: {small_disk}/full/"
+    assert message.startswith(head), message
+    assert "/checkpoint_0000000006_" in message, message
     assert "no room for the checkpoint (" in message and "MiB needed" in message, message
-    kept = sorted(p for p in (small_disk / "full").iterdir() if p.name.startswith("checkpoint_"))
+    run_dir = small_disk / "full"
+    kept = sorted(p for p in run_dir.iterdir() if p.is_dir() and p.name.startswith("checkpoint_"))
     assert [p.name[: len("checkpoint_0000000003")] for p in kept] == ["checkpoint_0000000003"]
     state = read_checkpoint(kept[0])
     assert (state["global_step"], state["finished"]) == (3, False)
@@ -255,3 +258,19 @@ def _s3_weights(s3_server, bucket: str, key: str) -> dict[str, torch.Tensor]:
 
     body = s3_server.client().get_object(Bucket=bucket, Key=key)["Body"].read()
     return torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)["model"]
+
+
+def test_the_checkpoint_filesystem_keeps_its_retry_bound_when_pickled_for_ray() -> None:
+    """Ray pickles the run's filesystem to its controller and workers; pyarrow's own S3FileSystem loses
+    its retry strategy on the way (they would try 3 times, not 8)."""
+    import pickle
+
+    from alexnet_dist import storage
+    from alexnet_dist.training.driver import resolve_storage
+    from alexnet_dist.training.s3fs import BoundedS3FileSystem
+
+    fs = resolve_storage("s3://b/runs", settings=Settings(s3_endpoint_url="http://127.0.0.1:9")).filesystem
+    copy = pickle.loads(pickle.dumps(fs))
+    assert isinstance(copy, BoundedS3FileSystem) and copy.attempts == storage.S3_ATTEMPTS == 8
+    assert copy.kwargs == fs.kwargs and copy.kwargs["endpoint_override"] == "127.0.0.1:9"
+    assert (copy.kwargs["connect_timeout"], copy.kwargs["request_timeout"]) == (10.0, 60.0)
