@@ -56,7 +56,7 @@ test: setup
 	$(BIN)/ruff check alexnet_dist tests bench
 	$(BIN)/ruff format --check alexnet_dist tests bench
 	$(BIN)/lint-imports pyproject.toml
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest -q
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest -q --durations=15
 
 lint: setup
 	$(BIN)/ruff check alexnet_dist tests bench && $(BIN)/ruff format --check alexnet_dist tests bench

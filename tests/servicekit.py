@@ -61,6 +61,7 @@ def submit(env: dict[str, str], sets: dict[str, object], spec: Path = SMOKE, *ex
 
 
 def start_dispatcher(env: dict[str, str], log: Path, *args: str) -> subprocess.Popen:
+    """``alexnet-dist dispatcher`` (a pass every 0.2 s, a 5 s lock, unless ``args`` say otherwise)."""
     return subprocess.Popen(
         [str(CLI), "dispatcher", "--interval", "0.2", "--lock-ttl", "5", *args],
         env=env,

@@ -220,6 +220,26 @@ def test_a_job_whose_ray_job_keeps_vanishing_fails_in_the_end(redis_url: str) ->
     assert final.message.startswith(f"Ray job {rec.id}-6 not found on the cluster (6 times)")
 
 
+def test_a_run_that_lost_a_node_is_queued_again_without_spending_a_retry(redis_url: str) -> None:
+    """Its Ray Job FAILED, but its run said first (in the record) that a node under it died: a lost
+    attempt, its retry kept; a failure of the next attempt is a failure again."""
+    queue = JobStore(connect(redis_url), prefix=PREFIX)
+    rec, _ = queue.submit(make_spec("n", retries=1))
+    d = Dispatcher(queue, RedisCluster(redis_url, outcome="FAILED"))
+    assert d.acquire()
+    d.launch_ready()  # attempt 1: submitted, and FAILED on the stand-in at once
+    why = "training run 'n': Ray node 3f2a1b9c died under it; its checkpoints are kept"
+    assert queue.mark_node_lost(rec.id, 1, why) and not queue.mark_node_lost(rec.id, 2, why)
+    d.follow()
+    g = queue.get(rec.id)
+    assert (g.state, g.attempt, g.retries_left, g.lost, g.node_lost) == (JobState.QUEUED, 2, 1, 1, "")
+    assert g.message.startswith(f"Ray job {rec.id}-1: {why}") and "not counted as a failure" in g.message
+    d.step()  # attempt 2 launched; it fails without a node lost, and that spends the retry
+    d.follow()
+    g = queue.get(rec.id)
+    assert (g.state, g.attempt, g.retries_left, g.lost) == (JobState.QUEUED, 3, 0, 1)
+
+
 def test_failed_job_is_retried_up_to_its_limit_then_fails(redis_url: str) -> None:
     queue = JobStore(connect(redis_url), prefix=PREFIX)
     rec, _ = queue.submit(make_spec(retries=2))

@@ -55,6 +55,7 @@ def test_a_restarted_ray_head_costs_the_job_an_attempt_not_its_result(
         "data.train": train.url,
         "data.val": val.url,
         "retries": 0,
+        "train.epochs": 1,  # 16 steps
         "checkpoint.every_steps": 3,
         "train.ten_crop_eval": "false",
     }

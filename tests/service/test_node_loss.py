@@ -59,6 +59,7 @@ def test_a_node_lost_mid_epoch_costs_an_attempt_and_waits_for_room(
         "data.train": train.url,
         "data.val": val.url,
         "retries": 0,
+        "train.epochs": 1,  # 16 steps
         "checkpoint.every_steps": 3,
         "train.ten_crop_eval": "false",
     }
@@ -93,7 +94,7 @@ def test_a_node_lost_mid_epoch_costs_an_attempt_and_waits_for_room(
 
         dispatcher = start_dispatcher(env, tmp_path / "dispatcher.log")
         job = submit(env, sets)
-        wait_until(lambda: len(steps_seen(store, job)) >= 4, "the job's 8th step")  # epoch 1 of 2, 16 steps
+        wait_until(lambda: len(steps_seen(store, job)) >= 4, "the job's 8th step")  # of 16
         nodes["b"].kill(signal.SIGKILL)  # the node, its raylet and its worker, at once
         t_kill = time.monotonic()
         wait_until(lambda: store.get(job).attempt == 2, "attempt 2 queued after the node died")
