@@ -181,10 +181,15 @@ class EventPublisher:
                 pass
             self._client = None
 
-    def close(self) -> None:
-        """One last try to deliver what waits (the end of a run), then let go of the connection."""
+    def close(self, wait_s: float = 0.0) -> None:
+        """Deliver what waits (the end of a run), trying again for up to ``wait_s`` while Redis is away;
+        what is still undelivered then is counted as dropped. Then let go of the connection."""
+        deadline = time.monotonic() + wait_s
         self._retry_at = 0.0
-        if not self.flush() and self._pending:
+        while not self.flush() and self._pending and time.monotonic() < deadline:
+            time.sleep(min(self._retry_after_s, max(0.0, deadline - time.monotonic())))
+            self._retry_at = 0.0
+        if self._pending:
             log.warning("%s: %d events not delivered, Redis unreachable", self._stream, len(self._pending))
             self.dropped += len(self._pending)
             self._pending.clear()

@@ -39,6 +39,9 @@ class StdoutSink:
         pass
 
 
+END_WAIT_S = 60.0  # how long a finished run waits for an unreachable Redis to take its last events
+
+
 class RedisSink:
     """The job's event stream and live channel in Redis (what ``watch``, ``status`` and plots read)."""
 
@@ -49,7 +52,9 @@ class RedisSink:
         self.publisher.publish(event)
 
     def close(self) -> None:
-        self.publisher.close()
+        # The run's last events wait for a Redis that is away at the end, as its result does (the
+        # driver retries that for longer), rather than be dropped at once.
+        self.publisher.close(wait_s=END_WAIT_S)
 
 
 class Sinks:

@@ -167,3 +167,23 @@ def test_cli_errors_are_one_line(redis_url: str) -> None:
     )
     down = _cli(f"redis://127.0.0.1:{free_port()}/0", "list")
     assert down.returncode == 6 and "Redis unreachable" in down.stderr and "Traceback" not in down.stderr
+
+
+def test_the_end_of_a_run_waits_for_redis_to_take_its_last_events(tmp_path: Path) -> None:
+    """A run that ends while Redis is away keeps its last events until Redis is back (up to ``wait_s``),
+    rather than drop them at once."""
+    import threading
+
+    server = start_redis(tmp_path, "--appendonly", "yes")
+    pub = job_publisher(server.url, Keys(PREFIX), "j3", retry_after_s=0.2)
+    server.stop()
+    for i in range(4):
+        pub.publish({**STEP, "step": i})
+    threading.Timer(1.5, server.start).start()  # back 1.5 s into the close
+    t0 = time.monotonic()
+    pub.close(wait_s=20)
+    waited = time.monotonic() - t0
+    events = [e for _, e in read_events(connect(server.url), Keys(PREFIX), "j3")]
+    assert [e["step"] for e in events] == [0, 1, 2, 3] and pub.dropped == 0
+    assert 1.4 < waited < 19, waited  # it waited for Redis, and left once Redis took them (not at 20 s)
+    server.stop()
