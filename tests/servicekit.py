@@ -103,3 +103,35 @@ def lost_work(store: JobStore, job_id: str) -> tuple[int, int]:
     (resumed,) = [e for e in evs if e["type"] == "resumed"]
     before = evs[: evs.index(resumed)]
     return max(global_step(e) for e in before if e["type"] == "step"), resumed["global_step"]
+
+
+def fault_job(fashion_mnist_dir: Path, tmp_path: Path) -> dict[str, object]:
+    """The ``--set``s of the fault tests' job: the smoke spec on 512 Fashion-MNIST images of its own,
+    one epoch of 16 steps of 2 workers, a checkpoint every 3 steps, no retries."""
+    from shardkit import build_fashion
+
+    train = build_fashion(fashion_mnist_dir, tmp_path / "train", limit=512, shard_size=64)
+    val = build_fashion(fashion_mnist_dir, tmp_path / "val", limit=128, shard_size=64, split="test")
+    return {
+        "data.train": train.url,
+        "data.val": val.url,
+        "retries": 0,
+        "train.epochs": 1,
+        "checkpoint.every_steps": 3,
+        "train.ten_crop_eval": "false",
+    }
+
+
+def cluster_env(redis_url: str, head, tmp_path: Path) -> dict[str, str]:
+    """The CLI's and the dispatcher's environment for a Ray head of the test's, runs under tmp_path."""
+    return cli_env(
+        ALEXNET_DIST_REDIS_URL=redis_url,
+        ALEXNET_DIST_RAY_DASHBOARD=head.dashboard_url,
+        RAY_ADDRESS=head.address,
+        ALEXNET_DIST_STORAGE=str(tmp_path / "runs"),
+    )
+
+
+def diagnosis(store: JobStore, job_id: str, log: Path) -> str:
+    """A failing fault test's message: the job's record and the end of the dispatcher's log."""
+    return f"record: {store.get(job_id).to_dict(spec=False)}\n--- dispatcher\n{log.read_text()[-3000:]}"

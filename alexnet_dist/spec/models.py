@@ -366,7 +366,8 @@ class JobSpec(_Frozen):
         1,
         ge=0,
         description="Worker failures Ray Train tolerates within a run, and relaunches by the dispatcher from "
-        "the newest checkpoint. 1 survives one lost worker or node.",
+        "the newest checkpoint. 1 survives one lost worker. A node lost under the run (with no restarts "
+        "left to Ray Train) and a restarted Ray head are never counted: the job is queued again.",
     )
     data: DataSpec = Field(description="The [data] section: manifests and loader. Required.")
     model: ModelSpec = Field(ModelSpec(), description="The [model] section: the network.")

@@ -16,8 +16,10 @@ from pathlib import Path
 import pytest
 from conftest import RayHeadProcess
 from servicekit import (
-    cli_env,
+    cluster_env,
+    diagnosis,
     events,
+    fault_job,
     lost_work,
     same_weights,
     start_dispatcher,
@@ -27,7 +29,6 @@ from servicekit import (
     submit,
 )
 from servicekit import wait_until as _wait
-from shardkit import build_fashion
 
 from alexnet_dist.service.connection import connect
 from alexnet_dist.service.launcher import RayJobsLauncher
@@ -39,32 +40,15 @@ pytestmark = pytest.mark.slow
 def test_a_restarted_ray_head_costs_the_job_an_attempt_not_its_result(
     redis_url: str, fashion_mnist_dir: Path, tmp_path: Path
 ) -> None:
-    train = build_fashion(fashion_mnist_dir, tmp_path / "train", limit=512, shard_size=64)
-    val = build_fashion(fashion_mnist_dir, tmp_path / "val", limit=128, shard_size=64, split="test")
+    sets = fault_job(fashion_mnist_dir, tmp_path)
     process = RayHeadProcess(tmp_path / "head.log")
     head = process.start()
-    env = cli_env(
-        ALEXNET_DIST_REDIS_URL=redis_url,
-        ALEXNET_DIST_RAY_DASHBOARD=head.dashboard_url,
-        RAY_ADDRESS=head.address,
-        ALEXNET_DIST_STORAGE=str(tmp_path / "runs"),
-    )
+    env = cluster_env(redis_url, head, tmp_path)
     store = JobStore(connect(redis_url))
     dispatcher = start_dispatcher(env, tmp_path / "dispatcher.log")
-    sets = {
-        "data.train": train.url,
-        "data.val": val.url,
-        "retries": 0,
-        "train.epochs": 1,  # 16 steps
-        "checkpoint.every_steps": 3,
-        "train.ten_crop_eval": "false",
-    }
 
     def diagnose(job_id: str) -> str:
-        return (
-            f"record: {store.get(job_id).to_dict(spec=False)}\n--- dispatcher\n"
-            f"{(tmp_path / 'dispatcher.log').read_text()[-3000:]}"
-        )
+        return diagnosis(store, job_id, tmp_path / "dispatcher.log")
 
     try:
         # The same job without the fault: the weights the faulted one must end with.

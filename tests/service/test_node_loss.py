@@ -23,7 +23,9 @@ from conftest import RayHeadProcess, RayNodeProcess
 from servicekit import (
     CLI,
     SMOKE,
-    cli_env,
+    cluster_env,
+    diagnosis,
+    fault_job,
     lost_work,
     same_weights,
     start_dispatcher,
@@ -33,7 +35,6 @@ from servicekit import (
     submit,
     wait_until,
 )
-from shardkit import build_fashion
 
 from alexnet_dist.service.connection import connect
 from alexnet_dist.service.launcher import RayJobsLauncher
@@ -45,8 +46,7 @@ pytestmark = pytest.mark.slow
 def test_a_node_lost_mid_epoch_costs_an_attempt_and_waits_for_room(
     redis_url: str, fashion_mnist_dir: Path, tmp_path: Path
 ) -> None:
-    train = build_fashion(fashion_mnist_dir, tmp_path / "train", limit=512, shard_size=64)
-    val = build_fashion(fashion_mnist_dir, tmp_path / "val", limit=128, shard_size=64, split="test")
+    sets = fault_job(fashion_mnist_dir, tmp_path)
     head_process = RayHeadProcess(tmp_path / "head.log", num_cpus=0)  # drivers only: workers go to nodes
     head = head_process.start()
     nodes = {
@@ -55,29 +55,13 @@ def test_a_node_lost_mid_epoch_costs_an_attempt_and_waits_for_room(
     }
     nodes["a"].start()
     nodes["b"].start()
-    sets = {
-        "data.train": train.url,
-        "data.val": val.url,
-        "retries": 0,
-        "train.epochs": 1,  # 16 steps
-        "checkpoint.every_steps": 3,
-        "train.ten_crop_eval": "false",
-    }
-    env = cli_env(
-        ALEXNET_DIST_REDIS_URL=redis_url,
-        ALEXNET_DIST_RAY_DASHBOARD=head.dashboard_url,
-        RAY_ADDRESS=head.address,
-        ALEXNET_DIST_STORAGE=str(tmp_path / "runs"),
-    )
+    env = cluster_env(redis_url, head, tmp_path)
     env.pop("RAY_AUTH_MODE", None)  # `train` must find the cluster's token by itself, as a user's would
     store = JobStore(connect(redis_url))
     dispatcher = None
 
     def diagnose(job_id: str) -> str:
-        return (
-            f"record: {store.get(job_id).to_dict(spec=False)}\n--- dispatcher\n"
-            f"{(tmp_path / 'dispatcher.log').read_text()[-3000:]}"
-        )
+        return diagnosis(store, job_id, tmp_path / "dispatcher.log")
 
     try:
         # The same job without the fault, trained straight on the cluster by `alexnet-dist train`.
