@@ -270,16 +270,9 @@ class JobService:
     def current_attempt(self, job_id: str, attempt: int) -> JobRecord:
         """The job's record if ``attempt`` is still its current one: a superseded attempt must not train.
         A Ray Job starting while Redis restarts waits for it (up to ``reconnect_s``) rather than fail."""
-        deadline = time.monotonic() + self.reconnect_s
-        while True:
-            try:
-                rec = self.store.get(job_id)
-                break
-            except UnreachableError as err:
-                if time.monotonic() > deadline:
-                    raise
-                log.warning("job %s: %s; trying again", job_id, err)
-                time.sleep(1.0)
+        rec = _while_unreachable(
+            lambda: self.store.get(job_id), f"job {job_id}: record not read yet", within_s=self.reconnect_s
+        )
         if rec.attempt != attempt:
             raise QueueError(
                 f"job {job_id}: attempt {attempt} is stale (current {rec.attempt}); not running it"
@@ -290,18 +283,12 @@ class JobService:
         """Keep the final result in the record and publish it on the results channel. A run's result is
         hours of work: while Redis is unreachable it is tried again (every few seconds, for up to
         ``retry_s``) rather than lost; then :class:`UnreachableError`."""
-        deadline = time.monotonic() + retry_s
-        wait = 1.0
-        while True:
-            try:
-                self.store.store_result(job_id, result)
-                return
-            except UnreachableError as err:
-                if time.monotonic() + wait > deadline:
-                    raise
-                log.warning("job %s: result not stored yet (%s); trying again in %.0f s", job_id, err, wait)
-                time.sleep(wait)
-                wait = min(wait * 2, 15.0)
+        _while_unreachable(
+            lambda: self.store.store_result(job_id, result),
+            f"job {job_id}: result not stored yet",
+            within_s=retry_s,
+            max_wait_s=15.0,
+        )
 
     def yield_signal(self, job_id: str, redis_url: str) -> YieldSignal:
         """Where the job's run hears that the dispatcher wants its room back (its record's field)."""
@@ -315,3 +302,21 @@ class JobService:
     def yielded(self, job_id: str, attempt: int) -> None:
         """The run of ``attempt`` checkpointed and stopped when asked to: the dispatcher queues it again."""
         self.store.mark_yielded(job_id, attempt)
+
+
+def _while_unreachable(
+    call: Callable[[], Any], what: str, *, within_s: float, max_wait_s: float = 1.0
+) -> Any:
+    """``call()``, tried again while Redis is unreachable: after 1 s, then waits doubling up to
+    ``max_wait_s``, for up to ``within_s`` in all; then its :class:`UnreachableError`."""
+    deadline = time.monotonic() + within_s
+    wait = 1.0
+    while True:
+        try:
+            return call()
+        except UnreachableError as err:
+            if time.monotonic() + wait > deadline:
+                raise
+            log.warning("%s (%s); trying again in %.0f s", what, err, wait)
+            time.sleep(wait)
+            wait = min(wait * 2, max_wait_s)

@@ -76,11 +76,8 @@ def copy_with_room(source: str | Path, target: Path) -> None:
     folder renamed at the end). A disk without room for it is a one-line :class:`CheckpointError`
     naming the folder and the space needed, checked before copying and caught while copying, and
     the checkpoints already there are left as they were."""
-    needed = folder_bytes(source)
     target.parent.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(target.parent).free
-    if free < needed:
-        raise no_room(target, needed, free)
+    needed = ensure_room(source, target)
     staging = target.parent / f".{target.name}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     try:
@@ -91,6 +88,16 @@ def copy_with_room(source: str | Path, target: Path) -> None:
             raise no_room(target, needed, shutil.disk_usage(target.parent).free) from None
         raise CheckpointError(f"{target}: checkpoint not written ({err.strerror or err})") from None
     os.replace(staging, target)  # committed whole or not at all
+
+
+def ensure_room(source: str | Path, target: str | Path) -> int:
+    """The bytes of the checkpoint folder ``source``; a :class:`CheckpointError` naming ``target`` when
+    the disk of ``target``'s parent (which must exist) has less room than that."""
+    needed = folder_bytes(source)
+    free = shutil.disk_usage(Path(target).parent).free
+    if free < needed:
+        raise no_room(target, needed, free)
+    return needed
 
 
 def _disk_full(err: BaseException) -> bool:

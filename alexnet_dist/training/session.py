@@ -73,12 +73,16 @@ class RaySession:
             return registered
         return self._stored_checkpoint()
 
+    def _storage(self) -> tuple[Any, str]:
+        """The run's storage filesystem and folder (Ray Train's developer API: AttributeError without it)."""
+        storage = self._train.get_context().get_storage()
+        return storage.storage_filesystem, storage.experiment_fs_path.rstrip("/")
+
     def _stored_checkpoint(self) -> Any | None:
         from alexnet_dist.training.checkpoint import checkpoint_names
 
         try:
-            storage = self._train.get_context().get_storage()
-            fs, run = storage.storage_filesystem, storage.experiment_fs_path.rstrip("/")
+            fs, run = self._storage()
             names = checkpoint_names(fs, run)
         except (AttributeError, OSError):  # a Ray without this developer API, or storage not readable
             return None
@@ -88,22 +92,14 @@ class RaySession:
         """On local storage, a checkpoint the disk has no room for fails here, in one line naming the
         folder and the space needed, before Ray copies any of it (a copy cut by a full disk would leave
         a half folder, never registered and skipped on resume, and an error that names neither)."""
-        from alexnet_dist.training.checkpoint import folder_bytes, no_room
+        from alexnet_dist.training.checkpoint import ensure_room
 
         try:
-            storage = self._train.get_context().get_storage()
-            fs, run = storage.storage_filesystem, storage.experiment_fs_path
+            fs, run = self._storage()
         except AttributeError:  # a Ray without this developer API: Ray's own error, if any, then
             return
-        if type(fs).__name__ != "LocalFileSystem":
-            return
-        import shutil
-
-        target = f"{run.rstrip('/')}/{name or 'checkpoint'}"
-        needed = folder_bytes(checkpoint_dir)
-        free = shutil.disk_usage(run).free
-        if free < needed:
-            raise no_room(target, needed, free)
+        if type(fs).__name__ == "LocalFileSystem":
+            ensure_room(checkpoint_dir, f"{run}/{name or 'checkpoint'}")
 
     def report(
         self,
